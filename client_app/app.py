@@ -1,0 +1,170 @@
+"""ClientApp: decode the global adapter, train locally, reply with the encoded delta.
+
+The base model is loaded (and quantized) once per process and kept in ``_WORKERS``, keyed explicitly
+by everything that changes the loaded model, so every round after the first only swaps LoRA factors.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from pollen import protocol as P
+from pollen.adapter import flatten, subtract, unflatten
+from pollen.codec import WireSpec, decode, encode
+from pollen.config import NodeConfig, RunConfig, parse_node_config, parse_run_config
+from pollen.device import resolve_device
+from pollen.error_feedback import compensate, new_residual
+from pollen.model import LoraHost, load_base_model, load_tokenizer
+from pollen.training import train_steps
+from tasks.batches import sample_batches, tokenize_all
+from tasks.data import node_data
+from tasks.embedded import resolve_model_name
+from tasks.evaluation import response_loss
+
+log = logging.getLogger("pollen")
+app = ClientApp()
+
+# context.state key of the error-feedback residual (what quantization dropped from the last delta).
+RESIDUAL_STATE = "pollen-residual"
+RESIDUAL_RANK_STATE = "pollen-residual-rank"  # ConfigRecord: the rank the residual belongs to
+
+
+@dataclass
+class Worker:
+    """A loaded base model with its LoRA host and tokenizer (one per process and model setting)."""
+
+    host: LoraHost
+    tokenizer: Any
+    device: torch.device
+
+
+_WORKERS: dict[tuple[Any, ...], Worker] = {}
+
+
+def _worker(run: RunConfig, node: NodeConfig) -> Worker:
+    path = resolve_model_name(run.model.name)
+    device_name = node.device or run.model.device
+    key = (path, run.model.quantization, device_name, run.model.compute_dtype, run.lora, run.seed)
+    if key not in _WORKERS:
+        base = load_base_model(path, run.model, device_override=node.device)
+        _WORKERS[key] = Worker(
+            host=LoraHost(base, run.lora, seed=run.seed),
+            tokenizer=load_tokenizer(path),
+            device=resolve_device(device_name),
+        )
+    return _WORKERS[key]
+
+
+def _configs(context: Context) -> tuple[RunConfig, NodeConfig]:
+    return parse_run_config(context.run_config), parse_node_config(context.node_config)
+
+
+def _check_instruction(message: Message, worker: Worker, node: NodeConfig) -> tuple[ConfigRecord, int]:
+    """The round's config and rank, after checking this node can take part."""
+    config = message.content[P.CONFIG]
+    rank = int(config[P.RANK])
+    if config.get(P.FINGERPRINT) != worker.host.fingerprint:
+        raise ValueError(
+            f"the server's base model (fingerprint {config.get(P.FINGERPRINT)}) differs from this node's "
+            f"({worker.host.fingerprint}); load the same base model as the federation"
+        )
+    if node.lora_rank and node.lora_rank != rank:
+        raise ValueError(
+            f"this node is configured for lora-rank={node.lora_rank} but the server sent rank {rank}; "
+            "use a strategy that supports per-node ranks (strategy.name) or remove lora-rank"
+        )
+    return config, rank
+
+
+@app.train()
+def train(message: Message, context: Context) -> Message:
+    """One round of local training; replies with the (optionally quantized) delta of the factors."""
+    run, node = _configs(context)
+    worker = _worker(run, node)
+    config, rank = _check_instruction(message, worker, node)
+    received = unflatten(decode(message.content[P.ADAPTER]), scale=run.lora.alpha / rank)
+
+    slot = worker.host.activate(rank)
+    worker.host.write(received)
+    train_set, _ = node_data(run.task, node.partition_id, node.num_partitions, run.seed, node.data_path)
+    examples = tokenize_all(worker.tokenizer, train_set, int(config[P.MAX_SEQ_LEN]))
+    server_round = int(config[P.ROUND])
+    generator = torch.Generator().manual_seed(run.seed * 100_003 + server_round * 1_009 + node.partition_id)
+    batches = sample_batches(examples, int(config[P.BATCH_SIZE]), worker.tokenizer.pad_token_id, generator)
+    result = train_steps(
+        worker.host.model,
+        worker.host.trainable_parameters(),
+        batches,
+        steps=int(config[P.LOCAL_STEPS]),
+        lr=float(config[P.LR]),
+        device=worker.device,
+    )
+    delta = flatten(subtract(worker.host.read(), received))
+
+    spec = WireSpec(
+        bits=int(config[P.UPLINK_BITS]),
+        scheme=str(config[P.UPLINK_SCHEME]),
+        block_size=int(config[P.BLOCK_SIZE]),
+    )
+    use_feedback = bool(config[P.ERROR_FEEDBACK]) and spec.bits < 32
+    residual = _load_residual(context, rank) if use_feedback else None
+    to_send = compensate(delta, residual)
+    record = encode(to_send, spec, generator)
+    if use_feedback:
+        _store_residual(context, rank, new_residual(to_send, decode(record)))
+
+    metrics = MetricRecord(
+        {
+            P.NUM_EXAMPLES: len(examples),
+            P.TRAIN_LOSS: result.mean_loss,
+            P.TRAIN_SECONDS: result.seconds,
+        }
+    )
+    meta = ConfigRecord(
+        {
+            P.RANK: rank,
+            P.LORA_SCALE: slot.scale,
+            P.FINGERPRINT: worker.host.fingerprint,
+            P.QUANTIZATION: run.model.quantization,
+        }
+    )
+    content = RecordDict({P.DELTA: record, P.METRICS: metrics, P.META: meta})
+    return Message(content=content, reply_to=message)
+
+
+@app.evaluate()
+def evaluate(message: Message, context: Context) -> Message:
+    """Loss of the received global adapter on this node's held-back examples."""
+    run, node = _configs(context)
+    worker = _worker(run, node)
+    config, rank = _check_instruction(message, worker, node)
+    received = unflatten(decode(message.content[P.ADAPTER]), scale=run.lora.alpha / rank)
+    worker.host.activate(rank)
+    worker.host.write(received)
+    _, local_eval = node_data(run.task, node.partition_id, node.num_partitions, run.seed, node.data_path)
+    examples = tokenize_all(worker.tokenizer, local_eval, int(config[P.MAX_SEQ_LEN]))
+    loss = response_loss(
+        worker.host.model, examples, worker.tokenizer.pad_token_id, int(config[P.BATCH_SIZE])
+    )
+    metrics = MetricRecord({P.NUM_EXAMPLES: len(examples), P.EVAL_LOSS: loss})
+    return Message(content=RecordDict({P.METRICS: metrics}), reply_to=message)
+
+
+def _load_residual(context: Context, rank: int) -> dict[str, torch.Tensor] | None:
+    """Last round's quantization residual, if it was made at the same rank (else it no longer applies)."""
+    record = context.state.array_records.get(RESIDUAL_STATE)
+    meta = context.state.config_records.get(RESIDUAL_RANK_STATE)
+    if record is None or meta is None or meta.get(P.RANK) != rank:
+        return None
+    return dict(record.to_torch_state_dict())
+
+
+def _store_residual(context: Context, rank: int, residual: dict[str, torch.Tensor]) -> None:
+    context.state[RESIDUAL_STATE] = ArrayRecord({k: v.contiguous() for k, v in residual.items()})
+    context.state[RESIDUAL_RANK_STATE] = ConfigRecord({P.RANK: rank})

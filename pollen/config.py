@@ -1,0 +1,337 @@
+"""Run and node configuration: parsed once, validated together, frozen.
+
+Every default lives in ``pyproject.toml`` ([tool.flwr.app.config]) with a comment. This module is the
+only place that reads ``run_config`` / ``node_config`` keys; the rest of Pollen gets dataclasses.
+All problems are collected and raised as one :class:`ConfigError`, one line per problem, each naming
+the key, the bad value and what is accepted.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+QUANTIZATIONS = ("4bit", "8bit", "none")
+COMPUTE_DTYPES = ("auto", "float32", "bfloat16", "float16")
+PARTITIONERS = ("dirichlet", "iid")
+STRATEGIES = ("fedavg", "zeropad", "flora", "flexlora", "ffa")
+WIRE_BITS = (32, 16, 8, 4)
+WIRE_SCHEMES = ("absmax", "nf4")
+
+
+class ConfigError(ValueError):
+    """One or more configuration problems; ``problems`` holds one line each."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = list(problems)
+        super().__init__("\n".join(self.problems))
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str  # "embedded", a local folder, or a Hugging Face id
+    quantization: str  # one of QUANTIZATIONS
+    device: str  # "auto", "cpu", "cuda", "cuda:N"
+    compute_dtype: str  # one of COMPUTE_DTYPES
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    rank: int
+    alpha: float
+    dropout: float
+    target_modules: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    local_steps: int
+    lr: float
+    batch_size: int
+    max_seq_len: int
+
+
+@dataclass(frozen=True)
+class TaskConfig:
+    name: str
+    data_path: str
+    partitioner: str
+    alpha: float
+    partition_by: str
+    num_train: int
+    num_eval: int
+    max_new_tokens: int
+
+
+@dataclass(frozen=True)
+class StrategyConfig:
+    name: str
+    fraction_train: float
+    fraction_evaluate: float
+    min_nodes: int
+    round_timeout: float
+
+
+@dataclass(frozen=True)
+class WireConfig:
+    uplink_bits: int
+    downlink_bits: int
+    block_size: int
+    error_feedback: bool
+    scheme: str
+
+
+@dataclass(frozen=True)
+class OutputConfig:
+    dir: str
+    run_name: str
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything a run needs, resolved from the run config."""
+
+    num_server_rounds: int
+    seed: int
+    output: OutputConfig
+    model: ModelConfig
+    lora: LoraConfig
+    train: TrainConfig
+    task: TaskConfig
+    strategy: StrategyConfig
+    wire: WireConfig
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain nested dict (for the resolved-config file of a run)."""
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    """What one SuperNode says about itself (``--node-config`` or the simulation's partition ids)."""
+
+    partition_id: int
+    num_partitions: int
+    data_path: str = ""  # the node's own Alpaca-style file; overrides the run's task data
+    lora_rank: int = 0  # 0 = use the rank the server asks for
+    device: str = ""  # "" = the run's model.device
+
+
+# ---------------------------------------------------------------------------------------------
+# The key table: run-config key -> (kind, check, what is accepted). Order follows pyproject.toml.
+# ---------------------------------------------------------------------------------------------
+
+Check = Callable[[Any], bool]
+
+
+@dataclass(frozen=True)
+class _Key:
+    kind: type
+    check: Check = field(default=lambda _v: True)
+    accepted: str = ""
+
+
+def _one_of(options: tuple[Any, ...]) -> _Key:
+    kind = type(options[0])
+    return _Key(kind, lambda v: v in options, "one of " + ", ".join(repr(o) for o in options))
+
+
+def _device_ok(value: str) -> bool:
+    if value in ("auto", "cpu", "cuda", "mps"):
+        return True
+    return value.startswith("cuda:") and value[5:].isdigit()
+
+
+_POSITIVE_INT = _Key(int, lambda v: v >= 1, "an integer >= 1")
+_FRACTION = _Key(float, lambda v: 0.0 <= v <= 1.0, "a number from 0.0 to 1.0")
+
+_RUN_KEYS: dict[str, _Key] = {
+    "num-server-rounds": _POSITIVE_INT,
+    "seed": _Key(int, lambda v: v >= 0, "an integer >= 0"),
+    "output.dir": _Key(str, lambda v: v.strip() != "", "a non-empty folder path"),
+    "output.run-name": _Key(
+        str,
+        lambda v: "/" not in v and v not in (".", ".."),
+        "a folder name without '/', or empty for a timestamp",
+    ),
+    "model.name": _Key(
+        str, lambda v: v.strip() != "", "'embedded', a local model folder, or a Hugging Face id"
+    ),
+    "model.quantization": _one_of(QUANTIZATIONS),
+    "model.device": _Key(str, _device_ok, "'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'"),
+    "model.compute-dtype": _one_of(COMPUTE_DTYPES),
+    "lora.rank": _Key(int, lambda v: 1 <= v <= 4096, "an integer from 1 to 4096"),
+    "lora.alpha": _Key(float, lambda v: v > 0, "a number > 0"),
+    "lora.dropout": _Key(float, lambda v: 0.0 <= v < 1.0, "a number from 0.0 up to (not including) 1.0"),
+    "lora.target-modules": _Key(
+        str,
+        lambda v: all(part.strip() for part in v.split(",")),
+        "comma-separated module names such as 'q_proj,v_proj'",
+    ),
+    "train.local-steps": _POSITIVE_INT,
+    "train.lr": _Key(float, lambda v: 0 < v < 1, "a number between 0 and 1"),
+    "train.batch-size": _POSITIVE_INT,
+    "train.max-seq-len": _Key(int, lambda v: v >= 8, "an integer >= 8"),
+    "task.name": _Key(
+        str, lambda v: v.strip() != "", "'synthetic', 'alpaca', 'finance', 'medical', 'code' or a dataset id"
+    ),
+    "task.data-path": _Key(str),
+    "task.partitioner": _one_of(PARTITIONERS),
+    "task.alpha": _Key(float, lambda v: v > 0, "a number > 0"),
+    "task.partition-by": _Key(str, lambda v: v.strip() != "", "a column name"),
+    "task.num-train": _Key(int, lambda v: v >= 10, "an integer >= 10"),
+    "task.num-eval": _POSITIVE_INT,
+    "task.max-new-tokens": _POSITIVE_INT,
+    "strategy.name": _one_of(STRATEGIES),
+    "strategy.fraction-train": _Key(float, lambda v: 0.0 < v <= 1.0, "a number above 0.0, up to 1.0"),
+    "strategy.fraction-evaluate": _FRACTION,
+    "strategy.min-nodes": _POSITIVE_INT,
+    "strategy.round-timeout": _Key(float, lambda v: v > 0, "a number of seconds > 0"),
+    "wire.uplink-bits": _one_of(WIRE_BITS),
+    "wire.downlink-bits": _one_of(WIRE_BITS),
+    "wire.block-size": _Key(int, lambda v: 2 <= v <= 65536, "an integer from 2 to 65536"),
+    "wire.error-feedback": _Key(bool, accepted="true or false"),
+    "wire.scheme": _one_of(WIRE_SCHEMES),
+}
+
+# Keys every run config may carry that Pollen does not read (Flower's own, or documented extras).
+_IGNORED_KEYS: frozenset[str] = frozenset()
+
+
+def known_run_keys() -> tuple[str, ...]:
+    """All run-config keys Pollen reads (the same set pyproject.toml documents)."""
+    return tuple(_RUN_KEYS)
+
+
+def _coerce(key: str, raw: Any, spec: _Key, problems: list[str]) -> Any:
+    """Type-check one value (ints are accepted where floats are expected); None on failure."""
+    value = raw
+    if spec.kind is float and isinstance(raw, int) and not isinstance(raw, bool):
+        value = float(raw)
+    if spec.kind is int and isinstance(raw, bool):
+        value = None
+    if value is None or not isinstance(value, spec.kind):
+        accepted = spec.accepted or spec.kind.__name__
+        problems.append(f"{key}={raw!r} is not valid: expected {accepted}")
+        return None
+    if not spec.check(value):
+        problems.append(f"{key}={raw!r} is not valid: expected {spec.accepted}")
+        return None
+    return value
+
+
+def parse_run_config(run_config: Mapping[str, Any]) -> RunConfig:
+    """Validate a Flower run config and return it as a frozen :class:`RunConfig`.
+
+    Raises :class:`ConfigError` listing every unknown key, missing key and bad value at once.
+    """
+    problems: list[str] = []
+    unknown = sorted(set(run_config) - set(_RUN_KEYS) - _IGNORED_KEYS)
+    for key in unknown:
+        close = [k for k in _RUN_KEYS if k.split(".")[-1] == key.split(".")[-1]]
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        problems.append(f"{key} is not a Pollen config key{hint}; known keys are listed in pyproject.toml")
+    values: dict[str, Any] = {}
+    for key, spec in _RUN_KEYS.items():
+        if key not in run_config:
+            problems.append(f"{key} is missing from the run config: add it to [tool.flwr.app.config]")
+            continue
+        values[key] = _coerce(key, run_config[key], spec, problems)
+    if not problems:
+        if values["wire.scheme"] == "nf4" and 4 not in (
+            values["wire.uplink-bits"],
+            values["wire.downlink-bits"],
+        ):
+            problems.append(
+                f"wire.scheme='nf4' applies to 4-bit payloads only, but wire.uplink-bits="
+                f"{values['wire.uplink-bits']} and wire.downlink-bits={values['wire.downlink-bits']}: "
+                "set one of them to 4 or use wire.scheme='absmax'"
+            )
+    if problems:
+        raise ConfigError(problems)
+    v = values
+    return RunConfig(
+        num_server_rounds=v["num-server-rounds"],
+        seed=v["seed"],
+        output=OutputConfig(dir=v["output.dir"], run_name=v["output.run-name"]),
+        model=ModelConfig(
+            name=v["model.name"],
+            quantization=v["model.quantization"],
+            device=v["model.device"],
+            compute_dtype=v["model.compute-dtype"],
+        ),
+        lora=LoraConfig(
+            rank=v["lora.rank"],
+            alpha=v["lora.alpha"],
+            dropout=v["lora.dropout"],
+            target_modules=tuple(part.strip() for part in v["lora.target-modules"].split(",")),
+        ),
+        train=TrainConfig(
+            local_steps=v["train.local-steps"],
+            lr=v["train.lr"],
+            batch_size=v["train.batch-size"],
+            max_seq_len=v["train.max-seq-len"],
+        ),
+        task=TaskConfig(
+            name=v["task.name"],
+            data_path=v["task.data-path"],
+            partitioner=v["task.partitioner"],
+            alpha=v["task.alpha"],
+            partition_by=v["task.partition-by"],
+            num_train=v["task.num-train"],
+            num_eval=v["task.num-eval"],
+            max_new_tokens=v["task.max-new-tokens"],
+        ),
+        strategy=StrategyConfig(
+            name=v["strategy.name"],
+            fraction_train=v["strategy.fraction-train"],
+            fraction_evaluate=v["strategy.fraction-evaluate"],
+            min_nodes=v["strategy.min-nodes"],
+            round_timeout=v["strategy.round-timeout"],
+        ),
+        wire=WireConfig(
+            uplink_bits=v["wire.uplink-bits"],
+            downlink_bits=v["wire.downlink-bits"],
+            block_size=v["wire.block-size"],
+            error_feedback=v["wire.error-feedback"],
+            scheme=v["wire.scheme"],
+        ),
+    )
+
+
+# Node-config keys: Flower's simulation sets partition-id / num-partitions; operators set the rest
+# with `flower-supernode --node-config "data-path='...' lora-rank=16"`.
+_NODE_KEYS: dict[str, _Key] = {
+    "partition-id": _Key(int, lambda v: v >= 0, "an integer >= 0"),
+    "num-partitions": _POSITIVE_INT,
+    "data-path": _Key(str),
+    "lora-rank": _Key(int, lambda v: 0 <= v <= 4096, "an integer from 0 (server decides) to 4096"),
+    "device": _Key(str, lambda v: v == "" or _device_ok(v), "'', 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'"),
+}
+
+
+def parse_node_config(node_config: Mapping[str, Any]) -> NodeConfig:
+    """Validate a node config. ``partition-id``/``num-partitions`` default to 0/1 for a lone node."""
+    problems: list[str] = []
+    for key in sorted(set(node_config) - set(_NODE_KEYS)):
+        problems.append(f"node config key {key!r} is not known; accepted keys: {', '.join(_NODE_KEYS)}")
+    values: dict[str, Any] = {}
+    for key, spec in _NODE_KEYS.items():
+        if key in node_config:
+            values[key] = _coerce(f"node config {key}", node_config[key], spec, problems)
+    if problems:
+        raise ConfigError(problems)
+    partition_id = values.get("partition-id", 0)
+    num_partitions = values.get("num-partitions", 1)
+    if partition_id >= num_partitions:
+        raise ConfigError(
+            [f"node config partition-id={partition_id} must be below num-partitions={num_partitions}"]
+        )
+    return NodeConfig(
+        partition_id=partition_id,
+        num_partitions=num_partitions,
+        data_path=values.get("data-path", ""),
+        lora_rank=values.get("lora-rank", 0),
+        device=values.get("device", ""),
+    )

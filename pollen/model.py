@@ -1,0 +1,210 @@
+"""Base-model loading (full precision, 8-bit or 4-bit NF4) and LoRA adapters of any rank on top.
+
+A process loads its base model once; :class:`LoraHost` then keeps one PEFT adapter per rank on that
+single base, so a simulation actor serving nodes of ranks 4 and 16 never re-quantizes the base.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pollen.adapter import Adapter, adapter_from_state_dict, adapter_to_state_dict
+from pollen.config import LoraConfig, ModelConfig
+from pollen.device import quantization_config, resolve_compute_dtype, resolve_device
+
+
+class ModelNotFoundError(FileNotFoundError):
+    """The configured base model is neither a local model folder nor reachable on the hub."""
+
+
+def check_model_available(name_or_path: str) -> None:
+    """Fail early, in one line, when ``model.name`` cannot be loaded on this machine."""
+    path = Path(name_or_path).expanduser()
+    looks_local = path.exists() or name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1
+    if looks_local:
+        if not (path / "config.json").is_file():
+            raise ModelNotFoundError(
+                f"model.name={name_or_path!r} is not a model folder: expected {path / 'config.json'} "
+                "(a folder saved with save_pretrained), 'embedded', or a Hugging Face id"
+            )
+        return
+    from transformers import AutoConfig
+
+    try:
+        AutoConfig.from_pretrained(name_or_path)
+    except (OSError, ValueError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelNotFoundError(
+            f"model.name={name_or_path!r} could not be found: it is not a local folder and the Hugging Face "
+            f"hub or cache did not provide it ({reason}); use 'embedded', a local folder, or a reachable id"
+        ) from exc
+
+
+def load_tokenizer(name_or_path: str) -> Any:
+    """The model's tokenizer, with a pad token (the EOS token when the model has none)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_base_model(name_or_path: str, config: ModelConfig, device_override: str = "") -> torch.nn.Module:
+    """The frozen base causal LM, quantized per ``config.quantization``, on the configured device."""
+    from transformers import AutoModelForCausalLM
+
+    device = resolve_device(device_override or config.device)
+    dtype = resolve_compute_dtype(config.compute_dtype, device)
+    quant = quantization_config(config.quantization, dtype)
+    kwargs: dict[str, Any] = {"dtype": dtype}
+    if quant is not None:
+        kwargs["quantization_config"] = quant
+        kwargs["device_map"] = {"": str(device)}
+    model = AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
+    if quant is None:
+        model = model.to(device)
+    model.requires_grad_(False)
+    model.eval()
+    return model
+
+
+def model_fingerprint(model: torch.nn.Module, target_modules: tuple[str, ...]) -> str:
+    """A short hash of the architecture and of every LoRA target's shape.
+
+    Two nodes with equal fingerprints can exchange adapters, whatever their quantization; weights
+    are not hashed (that would read gigabytes), the shapes and names adapters depend on are.
+    """
+    config = getattr(model, "config", None)
+    summary: dict[str, Any] = {
+        key: getattr(config, key, None)
+        for key in ("model_type", "hidden_size", "num_hidden_layers", "vocab_size", "intermediate_size")
+    }
+    shapes = []
+    for name, module in model.named_modules():
+        if name.split(".")[-1] in target_modules and hasattr(module, "in_features"):
+            shapes.append((name, int(module.in_features), int(module.out_features)))
+    summary["targets"] = sorted(shapes)
+    digest = hashlib.sha256(json.dumps(summary, sort_keys=True).encode()).hexdigest()
+    return digest[:16]
+
+
+def count_target_modules(model: torch.nn.Module, target_modules: tuple[str, ...]) -> int:
+    """How many linear layers LoRA would adapt; 0 means the target names do not fit this model."""
+    return sum(
+        1
+        for name, module in model.named_modules()
+        if name.split(".")[-1] in target_modules and hasattr(module, "in_features")
+    )
+
+
+@dataclass(frozen=True)
+class AdapterSlot:
+    """The name PEFT knows an adapter by, and its LoRA rank and scale."""
+
+    name: str
+    rank: int
+    scale: float
+
+
+class LoraHost:
+    """One base model carrying one PEFT LoRA adapter per rank; exactly one is active at a time."""
+
+    def __init__(self, base: torch.nn.Module, lora: LoraConfig, seed: int = 0) -> None:
+        if count_target_modules(base, lora.target_modules) == 0:
+            raise ValueError(
+                f"lora.target-modules={','.join(lora.target_modules)!r} matches no linear layer of this "
+                "model; "
+                "name layers it has, e.g. 'q_proj,v_proj' for Llama-style models"
+            )
+        self.lora = lora
+        self.seed = seed
+        self.fingerprint = model_fingerprint(base, lora.target_modules)
+        self._base = base
+        self._model: Any = None
+        self._slots: dict[int, AdapterSlot] = {}
+        self.active: AdapterSlot | None = None
+
+    @property
+    def model(self) -> Any:
+        """The PEFT model (created with the first adapter)."""
+        if self._model is None:
+            raise RuntimeError("no adapter yet: call activate(rank) first")
+        return self._model
+
+    def _peft_config(self, rank: int) -> Any:
+        from peft import LoraConfig as PeftLoraConfig
+
+        return PeftLoraConfig(
+            r=rank,
+            lora_alpha=self.lora.alpha,
+            lora_dropout=self.lora.dropout,
+            target_modules=list(self.lora.target_modules),
+            bias="none",
+            task_type="CAUSAL_LM",
+        )
+
+    def activate(self, rank: int) -> AdapterSlot:
+        """Make the rank-``rank`` adapter the trained and applied one, creating it (seeded) if new."""
+        if rank not in self._slots:
+            slot = AdapterSlot(name=f"rank{rank}", rank=rank, scale=self.lora.alpha / rank)
+            torch.manual_seed(self.seed + rank)
+            if self._model is None:
+                from peft import get_peft_model
+
+                self._model = get_peft_model(self._base, self._peft_config(rank), adapter_name=slot.name)
+            else:
+                self._model.add_adapter(slot.name, self._peft_config(rank))
+            self._slots[rank] = slot
+        slot = self._slots[rank]
+        self.model.set_adapter(slot.name)
+        self.active = slot
+        return slot
+
+    def read(self) -> Adapter:
+        """The active adapter's factors (float32 copies) with their scale."""
+        from peft import get_peft_model_state_dict
+
+        slot = self._require_active()
+        state = get_peft_model_state_dict(self.model, adapter_name=slot.name)
+        return adapter_from_state_dict(state, scale=slot.scale)
+
+    def write(self, adapter: Adapter) -> None:
+        """Load factors into the active adapter; modules or shapes that do not match are an error."""
+        from peft import set_peft_model_state_dict
+
+        slot = self._require_active()
+        current = self.read()
+        if adapter.keys() != current.keys():
+            extra = sorted(set(adapter) - set(current))[:3]
+            missing = sorted(set(current) - set(adapter))[:3]
+            raise ValueError(f"adapter modules do not match the model: unexpected {extra}, missing {missing}")
+        for module, pair in adapter.items():
+            mine = current[module]
+            if pair.a.shape != mine.a.shape or pair.b.shape != mine.b.shape:
+                raise ValueError(
+                    f"adapter for {module} has A{tuple(pair.a.shape)} B{tuple(pair.b.shape)}, "
+                    f"the rank-{slot.rank} model expects A{tuple(mine.a.shape)} B{tuple(mine.b.shape)}"
+                )
+        dtype = next(p for p in self.model.parameters() if p.requires_grad).dtype
+        state = {k: v.to(dtype) for k, v in adapter_to_state_dict(adapter).items()}
+        result = set_peft_model_state_dict(self.model, state, adapter_name=slot.name)
+        unexpected = getattr(result, "unexpected_keys", [])
+        if unexpected:
+            raise ValueError(f"adapter keys not in the model: {unexpected[:3]}")
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        """The active adapter's LoRA parameters (all that training updates)."""
+        self._require_active()
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def _require_active(self) -> AdapterSlot:
+        if self.active is None:
+            raise RuntimeError("no active adapter: call activate(rank) first")
+        return self.active

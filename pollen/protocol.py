@@ -1,0 +1,44 @@
+"""Names of everything that travels in a Pollen message, in one place.
+
+Server -> node (train / evaluate): ``ADAPTER`` (ArrayRecord, the encoded global adapter at the node's
+rank) and ``CONFIG`` (ConfigRecord of round knobs). Node -> server (train): ``DELTA`` (ArrayRecord, the
+encoded trained-minus-received factors), ``METRICS`` (MetricRecord) and ``META`` (ConfigRecord that
+describes the update, checked by the strategy before it is aggregated).
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+# Record names inside a message's RecordDict.
+ADAPTER: Final = "adapter"
+CONFIG: Final = "config"
+DELTA: Final = "delta"
+METRICS: Final = "metrics"
+META: Final = "meta"
+
+# ConfigRecord keys, server -> node.
+ROUND: Final = "server-round"
+LOCAL_STEPS: Final = "local-steps"
+LR: Final = "lr"
+BATCH_SIZE: Final = "batch-size"
+MAX_SEQ_LEN: Final = "max-seq-len"
+RANK: Final = "rank"  # the rank of the adapter in ADAPTER, and the rank the node trains
+LORA_ALPHA: Final = "lora-alpha"
+SEED: Final = "seed"
+FINGERPRINT: Final = "fingerprint"  # base-model fingerprint (pollen.model.model_fingerprint)
+UPLINK_BITS: Final = "uplink-bits"
+UPLINK_SCHEME: Final = "uplink-scheme"
+BLOCK_SIZE: Final = "block-size"
+ERROR_FEEDBACK: Final = "error-feedback"
+TRAIN_A: Final = "train-a"  # False freezes the A factors (FFA-LoRA)
+
+# MetricRecord keys, node -> server.
+NUM_EXAMPLES: Final = "num-examples"  # the weight of the update in aggregation
+TRAIN_LOSS: Final = "train-loss"
+TRAIN_SECONDS: Final = "train-seconds"
+EVAL_LOSS: Final = "eval-loss"
+
+# META keys, node -> server (RANK and FINGERPRINT as above).
+LORA_SCALE: Final = "lora-scale"
+QUANTIZATION: Final = "quantization"

@@ -1,0 +1,159 @@
+"""ServerApp: check the configuration, run the federated rounds, evaluate, write the run folder."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from typing import Any
+
+from flwr.app import ConfigRecord, Context
+from flwr.serverapp import Grid, ServerApp
+
+from pollen import protocol as P
+from pollen.codec import WireSpec
+from pollen.config import ConfigError, RunConfig, parse_run_config
+from pollen.model import LoraHost, check_model_available, load_base_model, load_tokenizer
+from server_app.artifacts import RunFolder, check_run_folder_free, run_folder_path
+from server_app.evaluation import Evaluator
+from server_app.rounds import progress_line, run_round
+from strategies.base import StrategySettings, adapter_from_record, adapter_to_record
+from strategies.registry import build_strategy
+from tasks.batches import tokenize_all
+from tasks.data import DataError, check_data_source, held_out, load_pool_and_eval
+from tasks.embedded import resolve_model_name
+
+log = logging.getLogger("pollen")
+app = ServerApp()
+
+
+def _setup_logging() -> None:
+    """Pollen's progress lines go to stdout, which Flower streams to `flwr run --stream`."""
+    if not log.handlers:
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter("%(levelname)s pollen: %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        log.propagate = False
+
+
+def preflight(run_config: dict[str, Any]) -> tuple[RunConfig, str]:
+    """Every check that can fail on user input, before anything is written or trained.
+
+    Returns the parsed config and the base model's loadable path; raises ConfigError with one
+    line per problem.
+    """
+    cfg = parse_run_config(run_config)
+    problems: list[str] = []
+    model_path = ""
+    try:
+        model_path = resolve_model_name(cfg.model.name)
+        check_model_available(model_path)
+    except (FileNotFoundError, OSError) as exc:
+        problems.append(str(exc))
+    try:
+        check_data_source(cfg.task)
+        load_pool_and_eval(cfg.task, cfg.seed)
+    except DataError as exc:
+        problems.append(str(exc))
+    try:
+        check_run_folder_free(run_folder_path(cfg.output.dir, cfg.output.run_name))
+    except FileExistsError as exc:
+        problems.append(str(exc))
+    if problems:
+        raise ConfigError(problems)
+    return cfg, model_path
+
+
+def train_config(cfg: RunConfig) -> ConfigRecord:
+    """The knobs every node receives with its adapter."""
+    return ConfigRecord(
+        {
+            P.LOCAL_STEPS: cfg.train.local_steps,
+            P.LR: cfg.train.lr,
+            P.BATCH_SIZE: cfg.train.batch_size,
+            P.MAX_SEQ_LEN: cfg.train.max_seq_len,
+            P.SEED: cfg.seed,
+            P.UPLINK_BITS: cfg.wire.uplink_bits,
+            P.UPLINK_SCHEME: cfg.wire.scheme,
+            P.BLOCK_SIZE: cfg.wire.block_size,
+            P.ERROR_FEEDBACK: cfg.wire.error_feedback,
+        }
+    )
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Run ``num-server-rounds`` rounds of federated LoRA fine-tuning."""
+    _setup_logging()
+    try:
+        cfg, model_path = preflight(dict(context.run_config))
+    except ConfigError as exc:
+        for problem in exc.problems:
+            log.error("config: %s", problem)
+        raise SystemExit(2) from None
+
+    folder = RunFolder(run_folder_path(cfg.output.dir, cfg.output.run_name))
+    log.info("loading base model %s (%s)", cfg.model.name, cfg.model.quantization)
+    host = LoraHost(load_base_model(model_path, cfg.model), cfg.lora, seed=cfg.seed)
+    tokenizer = load_tokenizer(model_path)
+    rank, alpha = cfg.lora.rank, cfg.lora.alpha
+    host.activate(rank)
+    global_record = adapter_to_record(host.read())
+    eval_set = held_out(cfg.task, cfg.seed)
+    evaluate = Evaluator(
+        host,
+        tokenizer,
+        eval_set,
+        tokenize_all(tokenizer, eval_set, cfg.train.max_seq_len),
+        cfg.task.max_new_tokens,
+    )
+
+    settings = StrategySettings(
+        fraction_train=cfg.strategy.fraction_train,
+        fraction_evaluate=cfg.strategy.fraction_evaluate,
+        min_nodes=cfg.strategy.min_nodes,
+        alpha=alpha,
+        global_rank=rank,
+        fingerprint=host.fingerprint,
+        downlink=WireSpec(
+            bits=cfg.wire.downlink_bits, scheme=cfg.wire.scheme, block_size=cfg.wire.block_size
+        ),
+        seed=cfg.seed,
+        wait_seconds=cfg.strategy.round_timeout,
+    )
+    strategy = build_strategy(cfg.strategy.name, settings)
+    folder.create(
+        {"run_config": cfg.to_dict(), "base_model_path": model_path, "fingerprint": host.fingerprint}
+    )
+    log.info("run folder %s", folder.path)
+    strategy.summary()
+
+    base_loss, base_match = evaluate(global_record, rank, alpha)
+    log.info("round 0 (base + fresh adapter): eval_loss %.4f | exact_match %.3f", base_loss, base_match)
+    config = train_config(cfg)
+    for server_round in range(1, cfg.num_server_rounds + 1):
+        started = time.perf_counter()
+        global_record, row = run_round(
+            grid, strategy, server_round, global_record, config, cfg.strategy.round_timeout
+        )
+        loss, match = evaluate(global_record, rank, alpha)
+        row.update(eval_loss=loss, exact_match=match, round_seconds=time.perf_counter() - started)
+        folder.append_metrics(row)
+        log.info(progress_line(row, cfg.num_server_rounds))
+
+    host.activate(rank)
+    host.write(adapter_from_record(global_record, scale=alpha / rank))
+    adapter_dir = folder.save_adapter(
+        host.model.peft_config[host.active.name] if host.active else None,
+        _peft_state(host),
+        base_model_path=model_path,
+    )
+    log.info("final adapter written to %s", adapter_dir)
+
+
+def _peft_state(host: LoraHost) -> dict[str, Any]:
+    from peft import get_peft_model_state_dict
+
+    assert host.active is not None  # activated just above
+    return dict(get_peft_model_state_dict(host.model, adapter_name=host.active.name))

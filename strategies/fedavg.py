@@ -1,0 +1,20 @@
+"""FedAvg of LoRA factor deltas at equal ranks (the FedIT baseline): global += weighted mean delta."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from pollen.adapter import Adapter, add
+from strategies.base import LoraStrategy
+from strategies.math.fedavg import average_factors
+
+
+class FedAvgLora(LoraStrategy):
+    """Every node trains the global rank; A and B deltas are averaged separately, weighted by examples."""
+
+    name = "fedavg"
+
+    def combine(
+        self, global_adapter: Adapter, deltas: Sequence[Adapter], weights: Sequence[float]
+    ) -> Adapter:
+        return add(global_adapter, average_factors(deltas, weights))

@@ -1,0 +1,73 @@
+"""A real Flower simulation through `flwr run .`: real ServerApp, real ClientApps, real 4-bit base."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.integration.flower_run import flwr_run, read_metrics
+
+pytestmark = pytest.mark.integration
+
+# The shipped configuration shrunk so that a 3-node, 2-round run takes about a minute.
+SMALL: dict[str, Any] = {
+    "num-server-rounds": 2,
+    "train.local-steps": 3,
+    "train.batch-size": 8,
+    "task.num-train": 300,
+    "task.num-eval": 16,
+    "task.max-new-tokens": 6,
+    "strategy.fraction-train": 1.0,
+    "strategy.fraction-evaluate": 0.5,
+    "strategy.min-nodes": 3,
+    "strategy.round-timeout": 300.0,
+}
+
+
+def test_three_nodes_two_rounds_end_to_end(tmp_path: Path) -> None:
+    overrides = {**SMALL, "output.dir": str(tmp_path / "out"), "output.run-name": "it"}
+    result = flwr_run(tmp_path / "flwr-home", overrides, num_supernodes=3)
+    run_dir = tmp_path / "out" / "it"
+    assert (run_dir / "metrics.jsonl").is_file(), result.output[-4000:]
+    rows = read_metrics(run_dir)
+    assert [r["round"] for r in rows] == [1, 2]
+    for row in rows:
+        assert row["nodes_sent"] == 3 and row["nodes_accepted"] == 3 and row["nodes_rejected"] == 0
+        assert row["uplink_bytes"] > 0 and row["downlink_bytes"] > 0
+        for key in ("eval_loss", "exact_match", "train_loss", "round_seconds", "federated_eval_loss"):
+            assert isinstance(row[key], float), key
+    assert "round 2/2 | eval_loss" in result.output
+    adapter = run_dir / "adapter"
+    assert (adapter / "adapter_config.json").is_file() and (adapter / "adapter_model.safetensors").is_file()
+    _final_adapter_generates(adapter)
+
+
+def _final_adapter_generates(adapter: Path) -> None:
+    """The saved adapter is a standard PEFT folder: it loads on its base and generates text."""
+    import json
+
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    base_path = json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"]
+    assert Path(base_path).is_dir()
+    base = AutoModelForCausalLM.from_pretrained(base_path)
+    model = PeftModel.from_pretrained(base, str(adapter))
+    tokenizer = AutoTokenizer.from_pretrained(base_path)
+    ids = tokenizer(
+        "### Instruction:\nAdd the numbers.\n### Input:\n12+7\n### Response:\n", return_tensors="pt"
+    )
+    with torch.no_grad():
+        out = model.generate(**ids, max_new_tokens=5, do_sample=False)
+    assert out.shape[1] > ids["input_ids"].shape[1]
+
+
+def test_bad_config_stops_before_training_with_one_line(tmp_path: Path) -> None:
+    overrides = {**SMALL, "lora.rank": 0, "output.dir": str(tmp_path / "out"), "output.run-name": "bad"}
+    result = flwr_run(tmp_path / "flwr-home", overrides, num_supernodes=2, timeout=300)
+    assert "config: lora.rank=0 is not valid: expected an integer from 1 to 4096" in result.output
+    assert not (tmp_path / "out").exists()
+    assert "round 1/" not in result.output

@@ -1,0 +1,109 @@
+"""Run/node config parsing: defaults parse, every bad value is named with what is accepted."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import pytest
+import tomllib
+
+from pollen.config import ConfigError, known_run_keys, parse_node_config, parse_run_config
+from tests.conftest import ROOT
+
+
+def test_shipped_defaults_parse(run_config: dict[str, Any]) -> None:
+    cfg = parse_run_config(run_config)
+    assert cfg.model.name == "embedded"
+    assert cfg.model.quantization == "4bit"
+    assert cfg.lora.rank >= 1 and cfg.lora.target_modules
+    assert cfg.strategy.name == "fedavg"
+
+
+def test_every_key_is_documented_with_a_comment() -> None:
+    text = (ROOT / "pyproject.toml").read_text()
+    section = text.split("[tool.flwr.app.config]", 1)[1]
+    lines = section.splitlines()
+    for key in known_run_keys():
+        index = next(i for i, line in enumerate(lines) if re.match(rf"^{re.escape(key)}\s*=", line))
+        assert lines[index - 1].startswith("#"), f"{key} has no comment above it in pyproject.toml"
+
+
+def test_pyproject_keys_equal_known_keys(run_config: dict[str, Any]) -> None:
+    assert set(run_config) == set(known_run_keys())
+    tomllib.loads((ROOT / "pyproject.toml").read_text())
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "accepted"),
+    [
+        ("lora.rank", 0, "from 1 to 4096"),
+        ("strategy.name", "fedprox", "one of 'fedavg'"),
+        ("model.quantization", "3bit", "one of '4bit', '8bit', 'none'"),
+        ("train.lr", "fast", "a number between 0 and 1"),
+        ("wire.uplink-bits", 5, "one of 32, 16, 8, 4"),
+        ("task.partitioner", "zipf", "one of 'dirichlet', 'iid'"),
+        ("model.device", "gpu0", "'cuda:N'"),
+        ("lora.rank", True, "from 1 to 4096"),
+    ],
+)
+def test_bad_value_is_named_with_what_is_accepted(
+    run_config: dict[str, Any], key: str, value: Any, accepted: str
+) -> None:
+    run_config[key] = value
+    with pytest.raises(ConfigError) as info:
+        parse_run_config(run_config)
+    (line,) = info.value.problems
+    assert line.startswith(f"{key}={value!r}") and accepted in line
+    assert "\n" not in line
+
+
+def test_unknown_key_suggests_the_close_one(run_config: dict[str, Any]) -> None:
+    run_config["rank"] = 8
+    with pytest.raises(ConfigError) as info:
+        parse_run_config(run_config)
+    assert info.value.problems == [
+        "rank is not a Pollen config key (did you mean 'lora.rank'?); known keys are listed in pyproject.toml"
+    ]
+
+
+def test_all_problems_are_reported_together(run_config: dict[str, Any]) -> None:
+    run_config["lora.rank"] = -1
+    run_config["train.batch-size"] = 0
+    del run_config["seed"]
+    with pytest.raises(ConfigError) as info:
+        parse_run_config(run_config)
+    assert len(info.value.problems) == 3
+
+
+def test_integers_are_accepted_for_floats(run_config: dict[str, Any]) -> None:
+    run_config["lora.alpha"] = 32
+    assert parse_run_config(run_config).lora.alpha == 32.0
+
+
+def test_nf4_needs_a_4bit_direction(run_config: dict[str, Any]) -> None:
+    run_config.update({"wire.scheme": "nf4", "wire.uplink-bits": 8, "wire.downlink-bits": 32})
+    with pytest.raises(ConfigError, match="nf4"):
+        parse_run_config(run_config)
+
+
+def test_node_config_defaults_and_overrides() -> None:
+    node = parse_node_config(
+        {"partition-id": 3, "num-partitions": 10, "lora-rank": 16, "data-path": "x.jsonl"}
+    )
+    assert (node.partition_id, node.num_partitions, node.lora_rank, node.data_path) == (3, 10, 16, "x.jsonl")
+    lone = parse_node_config({})
+    assert (lone.partition_id, lone.num_partitions, lone.lora_rank) == (0, 1, 0)
+
+
+@pytest.mark.parametrize(
+    ("node_config", "fragment"),
+    [
+        ({"lora-rank": -2}, "lora-rank=-2"),
+        ({"partition-id": 5, "num-partitions": 5}, "must be below num-partitions=5"),
+        ({"gpu": 1}, "'gpu' is not known"),
+    ],
+)
+def test_bad_node_config(node_config: dict[str, Any], fragment: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(fragment)):
+        parse_node_config(node_config)
