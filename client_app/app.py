@@ -77,9 +77,26 @@ def _check_instruction(message: Message, worker: Worker, node: NodeConfig) -> tu
     if node.lora_rank and node.lora_rank != rank:
         raise ValueError(
             f"this node is configured for lora-rank={node.lora_rank} but the server sent rank {rank}; "
-            "use a strategy that supports per-node ranks (strategy.name) or remove lora-rank"
+            "the server's strategy must support per-node ranks (strategy.name)"
         )
     return config, rank
+
+
+@app.query()
+def handshake(message: Message, context: Context) -> Message:
+    """Tell the server what this node is: its rank, partition, base model and device."""
+    run, node = _configs(context)
+    worker = _worker(run, node)
+    info = ConfigRecord(
+        {
+            P.RANK: node.lora_rank,
+            P.PARTITION_ID: node.partition_id,
+            P.FINGERPRINT: worker.host.fingerprint,
+            P.QUANTIZATION: run.model.quantization,
+            P.DEVICE: str(worker.device),
+        }
+    )
+    return Message(content=RecordDict({P.META: info}), reply_to=message)
 
 
 @app.train()
@@ -92,6 +109,7 @@ def train(message: Message, context: Context) -> Message:
 
     slot = worker.host.activate(rank)
     worker.host.write(received)
+    train_a = bool(config.get(P.TRAIN_A, True))
     train_set, _ = node_data(run.task, node.partition_id, node.num_partitions, run.seed, node.data_path)
     examples = tokenize_all(worker.tokenizer, train_set, int(config[P.MAX_SEQ_LEN]))
     server_round = int(config[P.ROUND])
@@ -99,13 +117,15 @@ def train(message: Message, context: Context) -> Message:
     batches = sample_batches(examples, int(config[P.BATCH_SIZE]), worker.tokenizer.pad_token_id, generator)
     result = train_steps(
         worker.host.model,
-        worker.host.trainable_parameters(),
+        worker.host.trainable_parameters(include_a=train_a),
         batches,
         steps=int(config[P.LOCAL_STEPS]),
         lr=float(config[P.LR]),
         device=worker.device,
     )
     delta = flatten(subtract(worker.host.read(), received))
+    if not train_a:  # A stayed frozen: its delta is zero and is not sent
+        delta = {name: tensor for name, tensor in delta.items() if not name.endswith(".A")}
 
     spec = WireSpec(
         bits=int(config[P.UPLINK_BITS]),

@@ -120,3 +120,16 @@ def add(left: Adapter, right: Adapter, alpha: float = 1.0) -> Adapter:
 def subtract(left: Adapter, right: Adapter) -> Adapter:
     """Factor-wise ``left - right``: the delta a client sends after training."""
     return add(left, right, alpha=-1.0)
+
+
+def with_scale(adapter: Adapter, scale_for_rank: float) -> Adapter:
+    """The same products with every pair's scale set to ``scale_for_rank / rank`` (i.e. ``alpha / r``).
+
+    ``scale_for_rank`` is LoRA's alpha: PEFT applies ``alpha / r``, so factors computed under another
+    scale convention get their B rescaled to keep ``scale * B @ A`` unchanged.
+    """
+    out: Adapter = {}
+    for module, pair in adapter.items():
+        target = scale_for_rank / pair.rank
+        out[module] = LoraFactors(a=pair.a, b=pair.b * (pair.scale / target), scale=target)
+    return out

@@ -15,7 +15,7 @@ from typing import Any
 QUANTIZATIONS = ("4bit", "8bit", "none")
 COMPUTE_DTYPES = ("auto", "float32", "bfloat16", "float16")
 PARTITIONERS = ("dirichlet", "iid")
-STRATEGIES = ("fedavg", "zeropad", "flora", "flexlora", "ffa")
+STRATEGIES = ("fedavg", "zeropad", "flexlora", "ffa")
 WIRE_BITS = (32, 16, 8, 4)
 WIRE_SCHEMES = ("absmax", "nf4")
 
@@ -71,6 +71,8 @@ class StrategyConfig:
     fraction_evaluate: float
     min_nodes: int
     round_timeout: float
+    rank_plan: tuple[int, ...]  # ranks cycled over nodes by partition id; () = every node lora.rank
+    norm_weighted: bool
 
 
 @dataclass(frozen=True)
@@ -188,6 +190,12 @@ _RUN_KEYS: dict[str, _Key] = {
     "strategy.fraction-evaluate": _FRACTION,
     "strategy.min-nodes": _POSITIVE_INT,
     "strategy.round-timeout": _Key(float, lambda v: v > 0, "a number of seconds > 0"),
+    "strategy.rank-plan": _Key(
+        str,
+        lambda v: v.strip() == "" or all(p.strip().isdigit() and 1 <= int(p) <= 4096 for p in v.split(",")),
+        "comma-separated ranks from 1 to 4096 such as '2,4,8,16', or empty",
+    ),
+    "strategy.norm-weighted": _Key(bool, accepted="true or false"),
     "wire.uplink-bits": _one_of(WIRE_BITS),
     "wire.downlink-bits": _one_of(WIRE_BITS),
     "wire.block-size": _Key(int, lambda v: 2 <= v <= 65536, "an integer from 2 to 65536"),
@@ -221,6 +229,10 @@ def _coerce(key: str, raw: Any, spec: _Key, problems: list[str]) -> Any:
     return value
 
 
+def _rank_plan(text: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in text.split(",")) if text.strip() else ()
+
+
 def parse_run_config(run_config: Mapping[str, Any]) -> RunConfig:
     """Validate a Flower run config and return it as a frozen :class:`RunConfig`.
 
@@ -239,6 +251,13 @@ def parse_run_config(run_config: Mapping[str, Any]) -> RunConfig:
             continue
         values[key] = _coerce(key, run_config[key], spec, problems)
     if not problems:
+        plan = _rank_plan(values["strategy.rank-plan"])
+        if values["strategy.name"] == "fedavg" and len(set(plan) | {values["lora.rank"]}) > 1:
+            problems.append(
+                f"strategy.rank-plan={values['strategy.rank-plan']!r} mixes ranks (with lora.rank="
+                f"{values['lora.rank']}), but strategy.name='fedavg' needs one rank: use 'zeropad', "
+                "'flexlora' or 'ffa', or a plan of lora.rank only"
+            )
         if values["wire.scheme"] == "nf4" and 4 not in (
             values["wire.uplink-bits"],
             values["wire.downlink-bits"],
@@ -289,6 +308,8 @@ def parse_run_config(run_config: Mapping[str, Any]) -> RunConfig:
             fraction_evaluate=v["strategy.fraction-evaluate"],
             min_nodes=v["strategy.min-nodes"],
             round_timeout=v["strategy.round-timeout"],
+            rank_plan=_rank_plan(v["strategy.rank-plan"]),
+            norm_weighted=v["strategy.norm-weighted"],
         ),
         wire=WireConfig(
             uplink_bits=v["wire.uplink-bits"],

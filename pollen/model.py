@@ -199,10 +199,18 @@ class LoraHost:
         if unexpected:
             raise ValueError(f"adapter keys not in the model: {unexpected[:3]}")
 
-    def trainable_parameters(self) -> list[torch.nn.Parameter]:
-        """The active adapter's LoRA parameters (all that training updates)."""
-        self._require_active()
-        return [p for p in self.model.parameters() if p.requires_grad]
+    def trainable_parameters(self, include_a: bool = True) -> list[torch.nn.Parameter]:
+        """The active adapter's LoRA parameters; ``include_a=False`` freezes the A factors (FFA-LoRA)."""
+        slot = self._require_active()
+        chosen = []
+        for name, param in self.model.named_parameters():
+            if f".{slot.name}." not in name + "." or "lora_" not in name:
+                continue
+            frozen_a = not include_a and ".lora_A." in name
+            param.requires_grad_(not frozen_a)
+            if not frozen_a:
+                chosen.append(param)
+        return chosen
 
     def _require_active(self) -> AdapterSlot:
         if self.active is None:

@@ -33,6 +33,11 @@ BLOCK_SIZE: Final = "block-size"
 ERROR_FEEDBACK: Final = "error-feedback"
 TRAIN_A: Final = "train-a"  # False freezes the A factors (FFA-LoRA)
 
+# ConfigRecord keys of a node's handshake reply (META of a query), besides RANK (0 = server decides),
+# FINGERPRINT and QUANTIZATION.
+PARTITION_ID: Final = "partition-id"
+DEVICE: Final = "device"
+
 # MetricRecord keys, node -> server.
 NUM_EXAMPLES: Final = "num-examples"  # the weight of the update in aggregation
 TRAIN_LOSS: Final = "train-loss"

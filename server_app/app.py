@@ -15,9 +15,10 @@ from pollen.codec import WireSpec
 from pollen.config import ConfigError, RunConfig, parse_run_config
 from pollen.model import LoraHost, check_model_available, load_base_model, load_tokenizer
 from server_app.artifacts import RunFolder, check_run_folder_free, run_folder_path
-from server_app.evaluation import Evaluator
+from server_app.evaluation import Evaluator, load_global
+from server_app.nodes import NodeDirectory
 from server_app.rounds import progress_line, run_round
-from strategies.base import StrategySettings, adapter_from_record, adapter_to_record
+from strategies.base import LoraStrategy, StrategySettings, adapter_to_record
 from strategies.registry import build_strategy
 from tasks.batches import tokenize_all
 from tasks.data import DataError, check_data_source, held_out, load_pool_and_eval
@@ -97,53 +98,40 @@ def main(grid: Grid, context: Context) -> None:
     log.info("loading base model %s (%s)", cfg.model.name, cfg.model.quantization)
     host = LoraHost(load_base_model(model_path, cfg.model), cfg.lora, seed=cfg.seed)
     tokenizer = load_tokenizer(model_path)
-    rank, alpha = cfg.lora.rank, cfg.lora.alpha
-    host.activate(rank)
-    global_record = adapter_to_record(host.read())
     eval_set = held_out(cfg.task, cfg.seed)
-    evaluate = Evaluator(
-        host,
-        tokenizer,
-        eval_set,
-        tokenize_all(tokenizer, eval_set, cfg.train.max_seq_len),
-        cfg.task.max_new_tokens,
-    )
+    examples = tokenize_all(tokenizer, eval_set, cfg.train.max_seq_len)
+    evaluate = Evaluator(host, tokenizer, eval_set, examples, cfg.task.max_new_tokens)
+    strategy = build_strategy(cfg.strategy.name, strategy_settings(cfg, host.fingerprint))
+    nodes = NodeDirectory(host.fingerprint, cfg.strategy.rank_plan, cfg.lora.rank)
+    wait_for_nodes(grid, cfg.strategy.min_nodes, cfg.strategy.round_timeout)
+    nodes.discover(grid, timeout=cfg.strategy.round_timeout)
+    strategy.node_ranks = eligible_ranks(strategy, nodes)
 
-    settings = StrategySettings(
-        fraction_train=cfg.strategy.fraction_train,
-        fraction_evaluate=cfg.strategy.fraction_evaluate,
-        min_nodes=cfg.strategy.min_nodes,
-        alpha=alpha,
-        global_rank=rank,
-        fingerprint=host.fingerprint,
-        downlink=WireSpec(
-            bits=cfg.wire.downlink_bits, scheme=cfg.wire.scheme, block_size=cfg.wire.block_size
-        ),
-        seed=cfg.seed,
-        wait_seconds=cfg.strategy.round_timeout,
-    )
-    strategy = build_strategy(cfg.strategy.name, settings)
+    global_rank = strategy.global_rank(sorted(set(strategy.node_ranks.values())))
+    host.activate(global_rank)
+    global_record = adapter_to_record(strategy.initial_global(host.read()))
     folder.create(
         {"run_config": cfg.to_dict(), "base_model_path": model_path, "fingerprint": host.fingerprint}
     )
     log.info("run folder %s", folder.path)
     strategy.summary()
 
-    base_loss, base_match = evaluate(global_record, rank, alpha)
-    log.info("round 0 (base + fresh adapter): eval_loss %.4f | exact_match %.3f", base_loss, base_match)
+    base_loss, base_match = evaluate(global_record)
+    log.info("round 0 (base + initial adapter): eval_loss %.4f | exact_match %.3f", base_loss, base_match)
     config = train_config(cfg)
     for server_round in range(1, cfg.num_server_rounds + 1):
         started = time.perf_counter()
+        if nodes.discover(grid, timeout=cfg.strategy.round_timeout):
+            strategy.node_ranks = eligible_ranks(strategy, nodes)
         global_record, row = run_round(
             grid, strategy, server_round, global_record, config, cfg.strategy.round_timeout
         )
-        loss, match = evaluate(global_record, rank, alpha)
+        loss, match = evaluate(global_record)
         row.update(eval_loss=loss, exact_match=match, round_seconds=time.perf_counter() - started)
         folder.append_metrics(row)
         log.info(progress_line(row, cfg.num_server_rounds))
 
-    host.activate(rank)
-    host.write(adapter_from_record(global_record, scale=alpha / rank))
+    load_global(host, global_record)
     adapter_dir = folder.save_adapter(
         host.model.peft_config[host.active.name] if host.active else None,
         _peft_state(host),
@@ -152,8 +140,51 @@ def main(grid: Grid, context: Context) -> None:
     log.info("final adapter written to %s", adapter_dir)
 
 
+def strategy_settings(cfg: RunConfig, fingerprint: str) -> StrategySettings:
+    """The strategy's view of the run config."""
+    return StrategySettings(
+        fraction_train=cfg.strategy.fraction_train,
+        fraction_evaluate=cfg.strategy.fraction_evaluate,
+        min_nodes=cfg.strategy.min_nodes,
+        alpha=cfg.lora.alpha,
+        global_rank=cfg.lora.rank,
+        fingerprint=fingerprint,
+        downlink=WireSpec(
+            bits=cfg.wire.downlink_bits, scheme=cfg.wire.scheme, block_size=cfg.wire.block_size
+        ),
+        seed=cfg.seed,
+        wait_seconds=cfg.strategy.round_timeout,
+        norm_weighted=cfg.strategy.norm_weighted,
+    )
+
+
+def wait_for_nodes(grid: Grid, count: int, timeout: float) -> None:
+    """Block until ``count`` nodes are connected (bounded by ``timeout`` seconds)."""
+    deadline = time.monotonic() + timeout
+    while len(list(grid.get_node_ids())) < count:
+        if time.monotonic() > deadline:
+            raise TimeoutError(
+                f"fewer than strategy.min-nodes={count} nodes connected within {timeout:.0f} s"
+            )
+        time.sleep(1.0)
+
+
+def eligible_ranks(strategy: LoraStrategy, nodes: NodeDirectory) -> dict[int, int]:
+    """Node ranks the strategy can serve; equal-rank strategies leave other ranks out (logged)."""
+    if strategy.name != "fedavg":
+        return dict(nodes.ranks)
+    rank = strategy.settings.global_rank
+    for node_id, node_rank in nodes.ranks.items():
+        if node_rank != rank:
+            log.warning(
+                "node %d trains rank %d; fedavg needs rank %d, so it is left out", node_id, node_rank, rank
+            )
+    return {n: r for n, r in nodes.ranks.items() if r == rank}
+
+
 def _peft_state(host: LoraHost) -> dict[str, Any]:
     from peft import get_peft_model_state_dict
 
-    assert host.active is not None  # activated just above
+    if host.active is None:
+        raise RuntimeError("no active adapter to save")
     return dict(get_peft_model_state_dict(host.model, adapter_name=host.active.name))

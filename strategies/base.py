@@ -20,7 +20,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from pollen import protocol as P
-from pollen.adapter import Adapter, flatten, unflatten
+from pollen.adapter import Adapter, LoraFactors, add, flatten, unflatten
 from pollen.codec import CodecError, WireSpec, decode, encode
 
 log = logging.getLogger("pollen")
@@ -34,11 +34,27 @@ class StrategySettings:
     fraction_evaluate: float
     min_nodes: int
     alpha: float  # lora_alpha: a rank-r adapter has scale alpha / r
-    global_rank: int
+    global_rank: int  # rank of nodes that state none (lora.rank)
     fingerprint: str
     downlink: WireSpec
     seed: int
     wait_seconds: float = 600.0  # how long sampling waits for min_nodes to connect
+    norm_weighted: bool = False  # zeropad: weight each update also by its norm (HetLoRA)
+
+
+@dataclass(frozen=True)
+class NodeUpdate:
+    """One accepted reply: what the node was sent (as it decoded it) and the delta it trained."""
+
+    node_id: int
+    rank: int
+    sent: Adapter
+    delta: Adapter
+    weight: float
+
+    def trained(self) -> Adapter:
+        """The node's adapter after local training (sent + delta, factor by factor)."""
+        return add(self.sent, self.delta)
 
 
 @dataclass
@@ -49,71 +65,90 @@ class RoundReport:
     rejected: list[str] = field(default_factory=list)  # one reason per rejected reply
 
 
+_SCALE_SUFFIX = ".scale"
+
+
 def adapter_to_record(adapter: Adapter) -> ArrayRecord:
-    """The server's exact global adapter as an fp32 ArrayRecord (factors ``<module>.A``/``.B``)."""
-    return ArrayRecord({k: v.detach().float().contiguous() for k, v in flatten(adapter).items()})
+    """The server's exact global adapter: fp32 factors plus each pair's scale (never sent to nodes)."""
+    tensors = {k: v.detach().float().contiguous() for k, v in flatten(adapter).items()}
+    for module, pair in adapter.items():
+        tensors[module + _SCALE_SUFFIX] = torch.tensor([pair.scale], dtype=torch.float64)
+    return ArrayRecord(tensors)
 
 
-def adapter_from_record(record: ArrayRecord, scale: float) -> Adapter:
+def adapter_from_record(record: ArrayRecord) -> Adapter:
     """Inverse of :func:`adapter_to_record`."""
-    return unflatten(record.to_torch_state_dict(), scale=scale)
+    state = record.to_torch_state_dict()
+    factors = {k: v for k, v in state.items() if not k.endswith(_SCALE_SUFFIX)}
+    adapter = unflatten(factors, scale=1.0)
+    return {
+        m: LoraFactors(a=p.a, b=p.b, scale=float(state[m + _SCALE_SUFFIX].item())) for m, p in adapter.items()
+    }
 
 
 class LoraStrategy(Strategy):
-    """Base class of Pollen strategies (Flower message-API strategy, hooks only)."""
+    """Base class of Pollen strategies (Flower message-API strategy, hooks only).
+
+    ``node_ranks`` (node id -> rank) is filled by the ServerApp from each node's handshake; only nodes
+    listed there are sampled.
+    """
 
     name = "base"
+    trains_a = True  # False: nodes keep A frozen and send only B deltas (FFA-LoRA)
 
     def __init__(self, settings: StrategySettings) -> None:
         self.settings = settings
         self.report = RoundReport()
+        self.node_ranks: dict[int, int] = {}
         self._global: Adapter | None = None
-        self._sent_rank: dict[int, int] = {}  # node id -> rank it was sent this round
+        self._sent: dict[int, Adapter] = {}  # node id -> adapter it was sent, as it decodes it
         self._generator = torch.Generator().manual_seed(settings.seed)
 
     # ---- math hooks ---------------------------------------------------------------------------
-    def node_rank(self, node_id: int) -> int:
-        """The rank a node trains; equal-rank strategies use the global rank."""
+    def global_rank(self, ranks: Sequence[int]) -> int:
+        """Rank of the global adapter for nodes of ``ranks`` (equal-rank strategies: the one rank)."""
         return self.settings.global_rank
 
+    def initial_global(self, fresh: Adapter) -> Adapter:
+        """The round-1 global adapter, from a freshly initialised one of rank ``global_rank``."""
+        return fresh
+
     def project(self, global_adapter: Adapter, rank: int) -> Adapter:
-        """The global adapter as a node of ``rank`` receives it."""
-        if rank != global_adapter[next(iter(global_adapter))].rank:
-            raise ValueError(f"{self.name} needs equal ranks; cannot send rank {rank}")
+        """The global adapter as a node of ``rank`` receives it (scale ``alpha / rank``)."""
+        first = next(iter(global_adapter.values()))
+        if rank != first.rank:
+            raise ValueError(f"{self.name} needs equal ranks; cannot send rank {rank} from rank {first.rank}")
         return global_adapter
 
-    def combine(
-        self, global_adapter: Adapter, deltas: Sequence[Adapter], weights: Sequence[float]
-    ) -> Adapter:
-        """The next global adapter from the current one and the nodes' deltas."""
+    def combine(self, global_adapter: Adapter, updates: Sequence[NodeUpdate]) -> Adapter:
+        """The next global adapter from the current one and the accepted updates."""
         raise NotImplementedError
 
     # ---- Flower hooks -------------------------------------------------------------------------
     def summary(self) -> None:
         s = self.settings
         log.info(
-            "strategy %s: fraction-train %.2f, fraction-evaluate %.2f, min nodes %d, global rank %d, "
-            "downlink %d-bit",
+            "strategy %s: fraction-train %.2f, fraction-evaluate %.2f, min nodes %d, downlink %d-bit, "
+            "node ranks %s",
             self.name,
             s.fraction_train,
             s.fraction_evaluate,
             s.min_nodes,
-            s.global_rank,
             s.downlink.bits,
+            sorted(set(self.node_ranks.values())) or [s.global_rank],
         )
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """Sample nodes; send each the global adapter projected to its rank and encoded for the downlink."""
-        self._global = adapter_from_record(arrays, scale=self.settings.alpha / self.settings.global_rank)
-        nodes = self._sample(grid, self.settings.fraction_train, server_round, salt=0)
-        self._sent_rank = {}
+        self._global = adapter_from_record(arrays)
+        self._sent = {}
         messages = []
-        for node_id in nodes:
-            rank = self.node_rank(node_id)
-            self._sent_rank[node_id] = rank
-            messages.append(self._message(node_id, rank, config, server_round, MessageType.TRAIN))
+        for node_id in self._sample(grid, self.settings.fraction_train, server_round, salt=0):
+            message, sent = self._message(node_id, config, server_round, MessageType.TRAIN)
+            self._sent[node_id] = sent
+            messages.append(message)
         return messages
 
     def aggregate_train(
@@ -123,27 +158,23 @@ class LoraStrategy(Strategy):
         if self._global is None:
             raise RuntimeError("aggregate_train called before configure_train")
         self.report = RoundReport()
-        deltas: list[Adapter] = []
-        weights: list[float] = []
+        updates: list[NodeUpdate] = []
         metrics: list[MetricRecord] = []
         for reply in replies:
             try:
-                delta, weight = self._accept(reply)
+                updates.append(self._accept(reply))
             except (CodecError, KeyError, ValueError, TypeError) as exc:
-                node = reply.metadata.src_node_id
-                reason = f"node {node}: {exc}"
+                reason = f"node {reply.metadata.src_node_id}: {exc}"
                 self.report.rejected.append(reason)
                 log.warning("round %d: rejected the update of %s", server_round, reason)
                 continue
-            deltas.append(delta)
-            weights.append(weight)
             metrics.append(reply.content[P.METRICS])
-        self._reject_outliers(deltas, weights, metrics, server_round)
-        self.report.accepted = len(deltas)
-        if not deltas:
+        self._reject_outliers(updates, metrics, server_round)
+        self.report.accepted = len(updates)
+        if not updates:
             return None, None
-        new_global = self.combine(self._global, deltas, weights)
-        return adapter_to_record(new_global), _weighted_metrics(metrics, weights)
+        new_global = self.combine(self._global, updates)
+        return adapter_to_record(new_global), _weighted_metrics(metrics, [u.weight for u in updates])
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -151,11 +182,9 @@ class LoraStrategy(Strategy):
         """Send the global adapter (at each node's rank) to a sample of nodes for local evaluation."""
         if self.settings.fraction_evaluate <= 0.0:
             return []
-        self._global = adapter_from_record(arrays, scale=self.settings.alpha / self.settings.global_rank)
+        self._global = adapter_from_record(arrays)
         nodes = self._sample(grid, self.settings.fraction_evaluate, server_round, salt=1)
-        return [
-            self._message(n, self.node_rank(n), config, server_round, MessageType.EVALUATE) for n in nodes
-        ]
+        return [self._message(n, config, server_round, MessageType.EVALUATE)[0] for n in nodes]
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         """Example-weighted mean of the nodes' evaluation metrics; failed replies are logged."""
@@ -178,13 +207,17 @@ class LoraStrategy(Strategy):
         return _weighted_metrics(records, weights) if records else None
 
     # ---- helpers ------------------------------------------------------------------------------
+    def rank_of(self, node_id: int) -> int:
+        """The rank ``node_id`` trains (from its handshake; the default rank if it made none)."""
+        return self.node_ranks.get(node_id, self.settings.global_rank)
+
     def _sample(self, grid: Grid, fraction: float, server_round: int, salt: int) -> list[int]:
-        """Wait (bounded) for min_nodes to connect, then draw a seeded sample of them."""
+        """Wait (bounded) for min_nodes eligible nodes, then draw a seeded sample of them."""
         deadline = time.monotonic() + self.settings.wait_seconds
-        while len(nodes := sorted(grid.get_node_ids())) < self.settings.min_nodes:
+        while len(nodes := self._eligible(grid)) < self.settings.min_nodes:
             if time.monotonic() > deadline:
                 raise TimeoutError(
-                    f"only {len(nodes)} nodes connected within {self.settings.wait_seconds:.0f} s; "
+                    f"only {len(nodes)} usable nodes connected within {self.settings.wait_seconds:.0f} s; "
                     f"strategy.min-nodes is {self.settings.min_nodes}"
                 )
             time.sleep(1.0)
@@ -192,21 +225,34 @@ class LoraStrategy(Strategy):
         rng = random.Random(self.settings.seed * 1_000_003 + server_round * 2 + salt)
         return sorted(rng.sample(nodes, size))
 
+    def _eligible(self, grid: Grid) -> list[int]:
+        connected = sorted(grid.get_node_ids())
+        if not self.node_ranks:  # no handshake made: every connected node trains the default rank
+            return connected
+        return [n for n in connected if n in self.node_ranks]
+
     def _message(
-        self, node_id: int, rank: int, config: ConfigRecord, server_round: int, kind: str
-    ) -> Message:
-        assert self._global is not None  # set by configure_*; internal invariant, not user input
+        self, node_id: int, config: ConfigRecord, server_round: int, kind: str
+    ) -> tuple[Message, Adapter]:
+        """The message for one node, and the adapter as the node will decode it."""
+        if self._global is None:
+            raise RuntimeError("no global adapter: configure_* sets it")
+        rank = self.rank_of(node_id)
         adapter = self.project(self._global, rank)
         record = encode(flatten(adapter), self.settings.downlink, self._generator)
+        decoded = (
+            adapter if self.settings.downlink.bits == 32 else unflatten(decode(record), rank_scale(adapter))
+        )
         node_config = ConfigRecord(dict(config))  # never mutate the caller's record
         node_config[P.ROUND] = server_round
         node_config[P.RANK] = rank
         node_config[P.LORA_ALPHA] = self.settings.alpha
         node_config[P.FINGERPRINT] = self.settings.fingerprint
+        node_config[P.TRAIN_A] = self.trains_a
         content = RecordDict({P.ADAPTER: record, P.CONFIG: node_config})
-        return Message(content=content, message_type=kind, dst_node_id=node_id)
+        return Message(content=content, message_type=kind, dst_node_id=node_id), decoded
 
-    def _accept(self, reply: Message) -> tuple[Adapter, float]:
+    def _accept(self, reply: Message) -> NodeUpdate:
         """Check one train reply and decode its delta; raises with the reason when it is unusable."""
         if reply.has_error():
             raise ValueError(f"the node reported an error: {reply.error.reason}")
@@ -225,47 +271,62 @@ class LoraStrategy(Strategy):
                 f"base-model fingerprint {meta.get(P.FINGERPRINT)!r} differs from the server's "
                 f"{self.settings.fingerprint!r}: the node runs another base model"
             )
-        expected_rank = self._sent_rank.get(node)
-        if expected_rank is None:
+        sent = self._sent.get(node)
+        if sent is None:
             raise ValueError("the node was not asked to train this round")
-        if meta.get(P.RANK) != expected_rank:
-            raise ValueError(f"declares rank {meta.get(P.RANK)!r}, but was sent rank {expected_rank}")
+        rank = rank_of_adapter(sent)
+        if meta.get(P.RANK) != rank:
+            raise ValueError(f"declares rank {meta.get(P.RANK)!r}, but was sent rank {rank}")
         weight = metrics.get(P.NUM_EXAMPLES)
         if not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight <= 0:
             raise ValueError(f"num-examples={weight!r} must be a positive number")
         scale = meta.get(P.LORA_SCALE)
-        if not isinstance(scale, float) or not math.isfinite(scale) or scale <= 0:
-            raise ValueError(f"lora-scale={scale!r} must be a positive number")
-        delta = unflatten(decode(content[P.DELTA]), scale=scale)
-        assert self._global is not None
-        reference = self.project(self._global, expected_rank)
-        if delta.keys() != reference.keys():
+        expected_scale = rank_scale(sent)
+        if not isinstance(scale, float) or not math.isclose(scale, expected_scale, rel_tol=1e-6):
+            raise ValueError(f"lora-scale={scale!r} differs from alpha / rank = {expected_scale}")
+        tensors = decode(content[P.DELTA])
+        if not self.trains_a:
+            if any(name.endswith(".A") for name in tensors):
+                raise ValueError("sent A factors, but this strategy keeps A frozen")
+            tensors.update({m + ".A": torch.zeros_like(p.a) for m, p in sent.items()})
+        delta = unflatten(tensors, scale=scale)
+        if delta.keys() != sent.keys():
             raise ValueError("the delta covers other modules than the global adapter")
         for module, pair in delta.items():
-            ref = reference[module]
+            ref = sent[module]
             if pair.a.shape != ref.a.shape or pair.b.shape != ref.b.shape:
                 raise ValueError(
                     f"{module}: A{tuple(pair.a.shape)} B{tuple(pair.b.shape)} do not match "
-                    f"A{tuple(ref.a.shape)} B{tuple(ref.b.shape)} of rank {expected_rank}"
+                    f"A{tuple(ref.a.shape)} B{tuple(ref.b.shape)} of rank {rank}"
                 )
             if not (torch.isfinite(pair.a).all() and torch.isfinite(pair.b).all()):
                 raise ValueError(f"{module}: the delta holds non-finite values")
-        return delta, float(weight)
+        return NodeUpdate(node_id=node, rank=rank, sent=sent, delta=delta, weight=float(weight))
 
     def _reject_outliers(
-        self, deltas: list[Adapter], weights: list[float], metrics: list[MetricRecord], server_round: int
+        self, updates: list[NodeUpdate], metrics: list[MetricRecord], server_round: int
     ) -> None:
         """Drop deltas whose norm is over OUTLIER_FACTOR times the round's median (needs 3+ replies)."""
-        if len(deltas) < 3:
+        if len(updates) < 3:
             return
-        norms = [_norm(d) for d in deltas]
+        norms = [_norm(u.delta) for u in updates]
         median = sorted(norms)[len(norms) // 2]
-        for i in reversed(range(len(deltas))):
+        for i in reversed(range(len(updates))):
             if median > 0 and norms[i] > OUTLIER_FACTOR * median:
                 reason = f"delta norm {norms[i]:.3g} is over {OUTLIER_FACTOR}x the round median {median:.3g}"
                 self.report.rejected.append(reason)
                 log.warning("round %d: rejected an update: %s", server_round, reason)
-                del deltas[i], weights[i], metrics[i]
+                del updates[i], metrics[i]
+
+
+def rank_of_adapter(adapter: Adapter) -> int:
+    """The rank shared by every pair of ``adapter``."""
+    return next(iter(adapter.values())).rank
+
+
+def rank_scale(adapter: Adapter) -> float:
+    """The scale shared by every pair of ``adapter`` (a node's ``alpha / rank``)."""
+    return next(iter(adapter.values())).scale
 
 
 # A delta this many times larger than the round's median is treated as broken or hostile.

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from pollen.adapter import Adapter, add
-from strategies.base import LoraStrategy
+from strategies.base import LoraStrategy, NodeUpdate
 from strategies.math.fedavg import average_factors
 
 
@@ -14,7 +14,5 @@ class FedAvgLora(LoraStrategy):
 
     name = "fedavg"
 
-    def combine(
-        self, global_adapter: Adapter, deltas: Sequence[Adapter], weights: Sequence[float]
-    ) -> Adapter:
-        return add(global_adapter, average_factors(deltas, weights))
+    def combine(self, global_adapter: Adapter, updates: Sequence[NodeUpdate]) -> Adapter:
+        return add(global_adapter, average_factors([u.delta for u in updates], [u.weight for u in updates]))

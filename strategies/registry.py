@@ -4,16 +4,18 @@ from __future__ import annotations
 
 from strategies.base import LoraStrategy, StrategySettings
 from strategies.fedavg import FedAvgLora
+from strategies.ffa import FfaLora
+from strategies.flexlora import FlexLoraStrategy
+from strategies.zeropad import ZeroPadLora
 
 STRATEGY_CLASSES: dict[str, type[LoraStrategy]] = {
-    FedAvgLora.name: FedAvgLora,
+    cls.name: cls for cls in (FedAvgLora, ZeroPadLora, FlexLoraStrategy, FfaLora)
 }
 
 
 def build_strategy(name: str, settings: StrategySettings) -> LoraStrategy:
     """The strategy called ``name``; ValueError naming the accepted names otherwise."""
     if name not in STRATEGY_CLASSES:
-        raise ValueError(
-            f"strategy.name={name!r} is not available: expected one of {', '.join(STRATEGY_CLASSES)}"
-        )
+        accepted = ", ".join(STRATEGY_CLASSES)
+        raise ValueError(f"strategy.name={name!r} is not available: expected one of {accepted}")
     return STRATEGY_CLASSES[name](settings)

@@ -12,7 +12,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRec
 from pollen import protocol as P
 from pollen.adapter import Adapter, LoraFactors, flatten, unflatten
 from pollen.codec import WireSpec, decode, encode
-from strategies.base import StrategySettings, adapter_to_record
+from strategies.base import StrategySettings, adapter_from_record, adapter_to_record
 from strategies.fedavg import FedAvgLora
 
 ALPHA, RANK = 16.0, 4
@@ -126,7 +126,7 @@ def test_min_nodes_overrides_a_small_fraction() -> None:
 
 def test_sampling_waits_for_min_nodes_then_fails_clearly() -> None:
     strategy = FedAvgLora(_settings(min_nodes=5, wait_seconds=0.1))
-    with pytest.raises(TimeoutError, match="only 2 nodes connected"):
+    with pytest.raises(TimeoutError, match="only 2 usable nodes connected"):
         list(strategy.configure_train(1, adapter_to_record(_global()), ConfigRecord(), FakeGrid([1, 2])))
 
 
@@ -138,7 +138,7 @@ def test_fedavg_adds_the_weighted_mean_delta() -> None:
     ]
     record, metrics = strategy.aggregate_train(1, replies)
     assert record is not None and metrics is not None
-    new = unflatten(record.to_torch_state_dict(), scale=ALPHA / RANK)
+    new = adapter_from_record(record)
     expected = np.average([1.0, 2.0, 4.0], weights=[1, 1, 2])
     for module, pair in _global().items():
         assert torch.allclose(new[module].a, pair.a + expected, atol=1e-6)
@@ -185,7 +185,7 @@ def test_a_bad_reply_is_rejected_and_the_round_goes_on(kind: str, caplog: pytest
     assert record is not None
     assert strategy.report.accepted == 2 and len(strategy.report.rejected) == 1
     assert "rejected" in caplog.text
-    new = unflatten(record.to_torch_state_dict(), scale=ALPHA / RANK)
+    new = adapter_from_record(record)
     module, pair = next(iter(_global().items()))
     assert torch.allclose(new[module].a, pair.a + 2.0, atol=1e-6)  # mean of the two good deltas
 

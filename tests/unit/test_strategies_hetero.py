@@ -1,0 +1,125 @@
+"""Heterogeneous-rank strategies through their Flower glue: nodes of ranks 2, 4 and 8 in one round."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
+
+from pollen import protocol as P
+from pollen.adapter import Adapter, LoraFactors, flatten, unflatten
+from pollen.codec import WireSpec, decode, encode
+from strategies.base import LoraStrategy, StrategySettings, adapter_from_record, adapter_to_record
+from strategies.registry import build_strategy
+
+ALPHA = 16.0
+RANKS = {1: 2, 2: 4, 3: 8}
+SHAPES = {"layers.0.q_proj": (10, 12), "layers.1.v_proj": (6, 12)}  # (out, in)
+
+
+@pytest.fixture(autouse=True)
+def _task_identity() -> None:
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+
+
+class FakeGrid:
+    def get_node_ids(self) -> list[int]:
+        return list(RANKS)
+
+
+def _strategy(name: str) -> LoraStrategy:
+    settings = StrategySettings(
+        fraction_train=1.0, fraction_evaluate=0.0, min_nodes=3, alpha=ALPHA, global_rank=4,
+        fingerprint="fp", downlink=WireSpec(bits=32), seed=3, wait_seconds=1.0,
+    )
+    strategy = build_strategy(name, settings)
+    strategy.node_ranks = dict(RANKS)
+    return strategy
+
+
+def _fresh(rank: int) -> Adapter:
+    g = torch.Generator().manual_seed(rank)
+    return {
+        m: LoraFactors(torch.rand(rank, i, generator=g) - 0.5, torch.zeros(o, rank), ALPHA / rank)
+        for m, (o, i) in SHAPES.items()
+    }
+
+
+def _train(message: Message, train_a: bool, seed: int) -> tuple[Message, Adapter]:
+    """What a node does: decode, change its factors, reply with the delta (B only when A is frozen)."""
+    rank = int(message.content[P.CONFIG][P.RANK])
+    received = unflatten(decode(message.content[P.ADAPTER]), scale=ALPHA / rank)
+    g = torch.Generator().manual_seed(seed)
+    delta = {
+        m: LoraFactors(
+            torch.randn(p.a.shape, generator=g) * 0.1 if train_a else torch.zeros_like(p.a),
+            torch.randn(p.b.shape, generator=g) * 0.1,
+            p.scale,
+        )
+        for m, p in received.items()
+    }
+    tensors = flatten(delta)
+    if not train_a:
+        tensors = {k: v for k, v in tensors.items() if k.endswith(".B")}
+    content = RecordDict(
+        {
+            P.DELTA: encode(tensors, WireSpec(bits=32)),
+            P.METRICS: MetricRecord({P.NUM_EXAMPLES: 10 * rank}),
+            P.META: ConfigRecord({P.RANK: rank, P.LORA_SCALE: ALPHA / rank, P.FINGERPRINT: "fp"}),
+        }
+    )
+    trained = {m: LoraFactors(p.a + delta[m].a, p.b + delta[m].b, p.scale) for m, p in received.items()}
+    return Message(content=content, reply_to=message), trained
+
+
+def _round(name: str) -> tuple[LoraStrategy, Adapter, Adapter, list[Message], list[Adapter]]:
+    strategy = _strategy(name)
+    rank = strategy.global_rank(sorted(RANKS.values()))
+    start = strategy.initial_global(_fresh(rank))
+    messages = list(strategy.configure_train(1, adapter_to_record(start), ConfigRecord(), FakeGrid()))
+    replies, trained = zip(*(_train(m, strategy.trains_a, i) for i, m in enumerate(messages)), strict=True)
+    record, _ = strategy.aggregate_train(1, list(replies))
+    assert record is not None and strategy.report.accepted == 3, strategy.report.rejected
+    return strategy, start, adapter_from_record(record), list(messages), list(trained)
+
+
+@pytest.mark.parametrize("name", ["zeropad", "flexlora", "ffa"])
+def test_each_node_gets_its_own_rank(name: str) -> None:
+    _, _, new, messages, _ = _round(name)
+    for message in messages:
+        rank = RANKS[message.metadata.dst_node_id]
+        sent = unflatten(decode(message.content[P.ADAPTER]), scale=ALPHA / rank)
+        assert all(p.rank == rank for p in sent.values())
+    assert all(p.rank == 8 for p in new.values())
+
+
+def test_zeropad_pads_and_truncates() -> None:
+    _, start, new, messages, _ = _round("zeropad")
+    small = next(m for m in messages if m.metadata.dst_node_id == 1)
+    sent = unflatten(decode(small.content[P.ADAPTER]), scale=ALPHA / 2)
+    for module, pair in start.items():
+        # truncation keeps the first slots; B is rescaled from alpha/8 to alpha/2
+        assert torch.allclose(sent[module].a, pair.a[:2])
+        assert torch.allclose(sent[module].b * (ALPHA / 2), pair.b[:, :2] * (ALPHA / 8))
+        assert new[module].a.shape == pair.a.shape
+
+
+def test_ffa_never_changes_a_and_sends_b_only() -> None:
+    _, start, new, _, _ = _round("ffa")
+    for module, pair in start.items():
+        assert torch.equal(new[module].a, pair.a)
+        assert not torch.equal(new[module].b, pair.b)
+
+
+def test_flexlora_global_is_the_truncated_svd_of_the_weighted_products() -> None:
+    _, _, new, messages, trained = _round("flexlora")
+    weights = [10.0 * RANKS[m.metadata.dst_node_id] for m in messages]
+    total = sum(weights)
+    for module in SHAPES:
+        dense = sum((w / total) * t[module].product().double() for w, t in zip(weights, trained, strict=True))
+        u, s, vh = torch.linalg.svd(dense, full_matrices=False)
+        reference = (u[:, :8] * s[:8]) @ vh[:8]
+        error = torch.linalg.norm(new[module].product().double() - reference) / torch.linalg.norm(reference)
+        assert error < 1e-4
