@@ -15,7 +15,7 @@ from typing import Any
 QUANTIZATIONS = ("4bit", "8bit", "none")
 COMPUTE_DTYPES = ("auto", "float32", "bfloat16", "float16")
 PARTITIONERS = ("dirichlet", "iid")
-STRATEGIES = ("fedavg", "zeropad", "flexlora", "ffa")
+STRATEGIES = ("fedavg", "zeropad", "flora", "flexlora", "ffa")
 WIRE_BITS = (32, 16, 8, 4)
 WIRE_SCHEMES = ("absmax", "nf4")
 
@@ -256,7 +256,7 @@ def parse_run_config(run_config: Mapping[str, Any]) -> RunConfig:
             problems.append(
                 f"strategy.rank-plan={values['strategy.rank-plan']!r} mixes ranks (with lora.rank="
                 f"{values['lora.rank']}), but strategy.name='fedavg' needs one rank: use 'zeropad', "
-                "'flexlora' or 'ffa', or a plan of lora.rank only"
+                "'flora', 'flexlora' or 'ffa', or a plan of lora.rank only"
             )
         if values["wire.scheme"] == "nf4" and 4 not in (
             values["wire.uplink-bits"],

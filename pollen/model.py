@@ -60,6 +60,9 @@ def load_base_model(name_or_path: str, config: ModelConfig, device_override: str
     """The frozen base causal LM, quantized per ``config.quantization``, on the configured device."""
     from transformers import AutoModelForCausalLM
 
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # one bar per load would drown the per-round progress lines
     device = resolve_device(device_override or config.device)
     dtype = resolve_compute_dtype(config.compute_dtype, device)
     quant = quantization_config(config.quantization, dtype)

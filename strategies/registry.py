@@ -6,10 +6,11 @@ from strategies.base import LoraStrategy, StrategySettings
 from strategies.fedavg import FedAvgLora
 from strategies.ffa import FfaLora
 from strategies.flexlora import FlexLoraStrategy
+from strategies.flora import FloraStrategy
 from strategies.zeropad import ZeroPadLora
 
 STRATEGY_CLASSES: dict[str, type[LoraStrategy]] = {
-    cls.name: cls for cls in (FedAvgLora, ZeroPadLora, FlexLoraStrategy, FfaLora)
+    cls.name: cls for cls in (FedAvgLora, ZeroPadLora, FloraStrategy, FlexLoraStrategy, FfaLora)
 }
 
 

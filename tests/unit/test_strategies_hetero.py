@@ -31,8 +31,15 @@ class FakeGrid:
 
 def _strategy(name: str) -> LoraStrategy:
     settings = StrategySettings(
-        fraction_train=1.0, fraction_evaluate=0.0, min_nodes=3, alpha=ALPHA, global_rank=4,
-        fingerprint="fp", downlink=WireSpec(bits=32), seed=3, wait_seconds=1.0,
+        fraction_train=1.0,
+        fraction_evaluate=0.0,
+        min_nodes=3,
+        alpha=ALPHA,
+        global_rank=4,
+        fingerprint="fp",
+        downlink=WireSpec(bits=32),
+        seed=3,
+        wait_seconds=1.0,
     )
     strategy = build_strategy(name, settings)
     strategy.node_ranks = dict(RANKS)
@@ -85,7 +92,7 @@ def _round(name: str) -> tuple[LoraStrategy, Adapter, Adapter, list[Message], li
     return strategy, start, adapter_from_record(record), list(messages), list(trained)
 
 
-@pytest.mark.parametrize("name", ["zeropad", "flexlora", "ffa"])
+@pytest.mark.parametrize("name", ["zeropad", "flora", "flexlora", "ffa"])
 def test_each_node_gets_its_own_rank(name: str) -> None:
     _, _, new, messages, _ = _round(name)
     for message in messages:
@@ -123,3 +130,47 @@ def test_flexlora_global_is_the_truncated_svd_of_the_weighted_products() -> None
         reference = (u[:, :8] * s[:8]) @ vh[:8]
         error = torch.linalg.norm(new[module].product().double() - reference) / torch.linalg.norm(reference)
         assert error < 1e-4
+
+
+def test_flora_global_is_the_old_product_plus_every_weighted_update() -> None:
+    _, start, new, messages, trained = _round("flora")
+    weights = [10.0 * RANKS[m.metadata.dst_node_id] for m in messages]
+    total = sum(weights)
+    for module in SHAPES:
+        exact = start[module].product().double()
+        for message, weight, after in zip(messages, weights, trained, strict=True):
+            rank = RANKS[message.metadata.dst_node_id]
+            sent = unflatten(decode(message.content[P.ADAPTER]), scale=ALPHA / rank)[module]
+            exact = exact + (weight / total) * (after[module].product().double() - sent.product().double())
+        u, s, vh = torch.linalg.svd(exact, full_matrices=False)
+        reference = (u[:, :8] * s[:8]) @ vh[:8]
+        error = torch.linalg.norm(new[module].product().double() - reference) / torch.linalg.norm(reference)
+        assert error < 1e-4
+
+
+def test_flora_stack_is_exact_before_reprojection() -> None:
+    from strategies.base import NodeUpdate
+    from strategies.flora import stack_with_updates
+
+    g = torch.Generator().manual_seed(5)
+    base = {"m": LoraFactors(torch.randn(16, 20, generator=g), torch.randn(24, 16, generator=g), ALPHA / 16)}
+    updates = []
+    for node, rank in enumerate((2, 4, 8, 16)):
+        sent = {
+            "m": LoraFactors(
+                torch.randn(rank, 20, generator=g), torch.randn(24, rank, generator=g), ALPHA / rank
+            )
+        }
+        delta = {
+            "m": LoraFactors(
+                torch.randn(rank, 20, generator=g), torch.randn(24, rank, generator=g), ALPHA / rank
+            )
+        }
+        updates.append(NodeUpdate(node_id=node, rank=rank, sent=sent, delta=delta, weight=float(node + 1)))
+    stacked = stack_with_updates(base, updates)["m"]
+    expected = base["m"].product().double()
+    for update in updates:
+        change = update.trained()["m"].product().double() - update.sent["m"].product().double()
+        expected = expected + (update.weight / 10.0) * change
+    error = torch.linalg.norm(stacked.product() - expected) / torch.linalg.norm(expected)
+    assert error < 1e-5

@@ -1,0 +1,140 @@
+"""Round checkpoints: exact round trip, strict loading, and no half-written state after a crash."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from server_app import checkpoint as ck
+from server_app.checkpoint import (
+    Checkpoint,
+    CheckpointError,
+    checkpoint_round,
+    load_checkpoint,
+    save_checkpoint,
+)
+
+
+def _adapter(rank: int = 4) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(rank)
+    return {
+        "layers.0.q_proj.A": torch.randn(rank, 16, generator=g),  # (rank, in_features)
+        "layers.0.q_proj.B": torch.randn(32, rank, generator=g),  # (out_features, rank)
+    }
+
+
+def _shapes(adapter: dict[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(v.shape) for k, v in adapter.items()}
+
+
+def _checkpoint(server_round: int = 2, rank: int = 4) -> Checkpoint:
+    return Checkpoint(
+        round=server_round,
+        adapter=_adapter(rank),
+        strategy_state={"rng": torch.arange(5, dtype=torch.uint8), "sent": {"3": 4}, "name": "fedavg"},
+        metrics=[{"round": r, "eval_loss": 1.0 / r} for r in range(1, server_round + 1)],
+        meta={"fingerprint": "abc123", "rank": rank},
+    )
+
+
+def test_round_trip_is_exact(tmp_path: Path) -> None:
+    saved = _checkpoint()
+    save_checkpoint(tmp_path, saved)
+    loaded = load_checkpoint(tmp_path, expected=_shapes(saved.adapter), require={"fingerprint": "abc123"})
+    assert loaded.round == 2 and loaded.metrics == saved.metrics and loaded.meta == saved.meta
+    assert loaded.adapter.keys() == saved.adapter.keys()
+    for key, tensor in saved.adapter.items():
+        assert torch.equal(loaded.adapter[key], tensor)
+    assert torch.equal(loaded.strategy_state["rng"], saved.strategy_state["rng"])
+    assert loaded.strategy_state["sent"] == {"3": 4} and loaded.strategy_state["name"] == "fedavg"
+    assert checkpoint_round(tmp_path) == 2
+
+
+def test_newer_round_replaces_older_and_leaves_one_adapter_file(tmp_path: Path) -> None:
+    save_checkpoint(tmp_path, _checkpoint(1))
+    save_checkpoint(tmp_path, _checkpoint(2))
+    assert load_checkpoint(tmp_path).round == 2
+    assert [p.name for p in tmp_path.glob("adapter-*")] == ["adapter-000002.safetensors"]
+    assert not list(tmp_path.glob(".*tmp"))
+
+
+def test_crash_before_commit_keeps_previous_checkpoint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    save_checkpoint(tmp_path, _checkpoint(1))
+    real_replace = os.replace
+
+    def crash_on_json(src: str | Path, dst: str | Path) -> None:
+        if str(dst).endswith(ck.STATE_FILE):
+            raise OSError("power cut")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(ck.os, "replace", crash_on_json)
+    with pytest.raises(OSError, match="power cut"):
+        save_checkpoint(tmp_path, _checkpoint(2))
+    monkeypatch.undo()
+    loaded = load_checkpoint(tmp_path)
+    assert loaded.round == 1 and len(loaded.metrics) == 1
+
+
+def test_missing_and_unexpected_keys_are_both_reported(tmp_path: Path) -> None:
+    save_checkpoint(tmp_path, _checkpoint())
+    expected = _shapes(_adapter())
+    expected["layers.0.v_proj.A"] = expected.pop("layers.0.q_proj.A")
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint(tmp_path, expected=expected)
+    message = str(info.value)
+    assert "missing keys ['layers.0.v_proj.A']" in message
+    assert "unexpected keys ['layers.0.q_proj.A']" in message
+
+
+def test_rank_mismatch_names_key_and_shapes(tmp_path: Path) -> None:
+    save_checkpoint(tmp_path, _checkpoint(rank=4))
+    with pytest.raises(CheckpointError, match=r"q_proj.A has shape \(4, 16\), this run expects \(8, 16\)"):
+        load_checkpoint(tmp_path, expected=_shapes(_adapter(rank=8)))
+
+
+def test_required_metadata_must_match(tmp_path: Path) -> None:
+    save_checkpoint(tmp_path, _checkpoint())
+    with pytest.raises(CheckpointError, match="fingerprint='abc123', this run has fingerprint='zzz'"):
+        load_checkpoint(tmp_path, require={"fingerprint": "zzz"})
+
+
+def test_no_checkpoint_says_where_it_looked(tmp_path: Path) -> None:
+    assert checkpoint_round(tmp_path) is None
+    with pytest.raises(CheckpointError, match="no checkpoint in .*checkpoint.json"):
+        load_checkpoint(tmp_path)
+
+
+def test_damaged_tensor_file_fails_the_checksum(tmp_path: Path) -> None:
+    save_checkpoint(tmp_path, _checkpoint())
+    tensor_file = next(tmp_path.glob("adapter-*.safetensors"))
+    data = bytearray(tensor_file.read_bytes())
+    data[-1] ^= 0xFF
+    tensor_file.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="does not match the checksum"):
+        load_checkpoint(tmp_path)
+
+
+def test_other_format_version_is_refused(tmp_path: Path) -> None:
+    save_checkpoint(tmp_path, _checkpoint())
+    state = tmp_path / ck.STATE_FILE
+    document = json.loads(state.read_text())
+    document["format"] = 99
+    state.write_text(json.dumps(document))
+    with pytest.raises(CheckpointError, match="format 99; this Pollen reads format 1"):
+        load_checkpoint(tmp_path)
+
+
+def test_values_json_cannot_hold_are_refused_before_writing(tmp_path: Path) -> None:
+    bad = Checkpoint(round=1, adapter=_adapter(), metrics=[{"eval_loss": float("nan")}])
+    with pytest.raises(CheckpointError, match=r"metrics\[0\].eval_loss=nan"):
+        save_checkpoint(tmp_path, bad)
+    odd = Checkpoint(round=1, adapter=_adapter(), strategy_state={"ids": {1, 2}})
+    with pytest.raises(CheckpointError, match="strategy_state.ids is a set"):
+        save_checkpoint(tmp_path, odd)
+    assert checkpoint_round(tmp_path) is None

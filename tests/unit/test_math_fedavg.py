@@ -1,0 +1,103 @@
+"""FedIT averaging and the shared weight checks, against ``np.average`` references."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from pollen.adapter import Adapter, LoraFactors
+from strategies.math.fedavg import average_factors, normalize_weights
+
+ALPHA = 16.0
+MODULES = {"layers.0.q_proj": (64, 48), "layers.0.v_proj": (32, 48)}  # name -> (out_features, in_features)
+
+
+def random_adapter(rank: int, seed: int) -> Adapter:
+    generator = torch.Generator().manual_seed(seed)
+    adapter: Adapter = {}
+    for name, (out_features, in_features) in MODULES.items():
+        a = torch.randn((rank, in_features), generator=generator)  # (rank, in)
+        b = torch.randn((out_features, rank), generator=generator)  # (out, rank)
+        adapter[name] = LoraFactors(a=a, b=b, scale=ALPHA / rank)
+    return adapter
+
+
+def test_average_matches_np_average_of_each_factor() -> None:
+    updates = [random_adapter(8, seed) for seed in range(3)]
+    weights = [10.0, 30.0, 20.0]
+    result = average_factors(updates, weights)
+    for name in MODULES:
+        expected_a = np.average(np.stack([u[name].a.numpy() for u in updates]), axis=0, weights=weights)
+        expected_b = np.average(np.stack([u[name].b.numpy() for u in updates]), axis=0, weights=weights)
+        np.testing.assert_allclose(result[name].a.numpy(), expected_a, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(result[name].b.numpy(), expected_b, rtol=1e-5, atol=1e-6)
+        assert result[name].scale == ALPHA / 8
+
+
+def test_product_of_means_is_not_mean_of_products() -> None:
+    """The documented FedIT bias: averaging factors separately does not average the updates."""
+    updates = [random_adapter(4, seed) for seed in range(2)]
+    result = average_factors(updates, [1.0, 1.0])
+    name = "layers.0.q_proj"
+    mean_of_products = torch.stack([u[name].product().double() for u in updates]).mean(dim=0)
+    gap = torch.linalg.norm(result[name].product().double() - mean_of_products) / torch.linalg.norm(
+        mean_of_products
+    )
+    assert gap > 0.1
+
+
+def test_single_update_is_returned_unchanged() -> None:
+    update = random_adapter(4, 0)
+    result = average_factors([update], [3.0])
+    for name in MODULES:
+        torch.testing.assert_close(result[name].a, update[name].a)
+        torch.testing.assert_close(result[name].b, update[name].b)
+
+
+def test_unequal_ranks_are_rejected_with_module_and_ranks() -> None:
+    with pytest.raises(ValueError, match=r"layers\.0\.q_proj.*ranks \[4, 8\]"):
+        average_factors([random_adapter(4, 0), random_adapter(8, 1)], [1.0, 1.0])
+
+
+def test_unequal_scales_are_rejected() -> None:
+    left, right = random_adapter(4, 0), random_adapter(4, 1)
+    right = {name: LoraFactors(a=p.a, b=p.b, scale=2 * p.scale) for name, p in right.items()}
+    with pytest.raises(ValueError, match="equal scales"):
+        average_factors([left, right], [1.0, 1.0])
+
+
+def test_different_module_sets_are_rejected() -> None:
+    left, right = random_adapter(4, 0), random_adapter(4, 1)
+    del right["layers.0.v_proj"]
+    with pytest.raises(ValueError, match="different modules"):
+        average_factors([left, right], [1.0, 1.0])
+
+
+def test_normalize_weights_sums_to_one() -> None:
+    fractions = normalize_weights([1, 3, 0, 4], 4)
+    assert fractions == pytest.approx([0.125, 0.375, 0.0, 0.5])
+    assert math.fsum(fractions) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize(
+    ("weights", "count", "message"),
+    [
+        ([1.0, -1.0], 2, "non-negative"),
+        ([1.0, float("nan")], 2, "finite"),
+        ([1.0, float("inf")], 2, "finite"),
+        ([0.0, 0.0], 2, "sum to"),
+        ([1.0], 2, "1 weights for 2 updates"),
+        ([], 0, "zero updates"),
+    ],
+)
+def test_invalid_weights_are_rejected(weights: list[float], count: int, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        normalize_weights(weights, count)
+
+
+def test_average_factors_validates_weights() -> None:
+    with pytest.raises(ValueError, match="non-negative"):
+        average_factors([random_adapter(4, 0), random_adapter(4, 1)], [1.0, -2.0])
