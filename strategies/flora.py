@@ -1,12 +1,13 @@
 """FLoRA by stacking: the global product plus every node's update product, exactly, then re-projected.
 
 A node's update is ``s_k (B'_k A'_k - B_k A_k)`` (trained minus received product). Stacking the global
-factors with the weighted update factors,
-``[B_g, B'_1, -B_1, ...] @ [s_g A_g; p_1 s_1 A'_1; p_1 s_1 A_1; ...]``, equals ``W_g + sum_k p_k update_k`` exactly, whatever the ranks. The stacked rank grows every round,
-so Pollen re-projects the stack to the largest node rank with a truncated SVD read off QR factors
-of the stack (no dense matrix); folding into the base weights instead would re-quantize every node's
-4-bit base each round and put the base on the wire. Error feedback: like FlexLoRA, nodes receive
-SVD-derived factors each round, so residuals of last round's factors do not line up with new ones.
+factors with the weighted update factors, ``[B_g, B'_1, -B_1, ...]`` times
+``[s_g A_g; p_1 s_1 A'_1; p_1 s_1 A_1; ...]``, equals ``W_g + sum_k p_k update_k`` exactly, whatever
+the ranks. The stacked rank grows every round, so Pollen re-projects the stack to the largest node
+rank with a truncated SVD read off QR factors of the stack (no dense matrix); folding into the base
+weights instead would re-quantize every node's 4-bit base each round and put the base on the wire.
+Error feedback: like FlexLoRA, nodes receive SVD-derived factors each round, so residuals of last
+round's factors do not line up with the new ones.
 """
 
 from __future__ import annotations
