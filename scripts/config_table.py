@@ -1,6 +1,7 @@
-"""Print the README's configuration table from pyproject.toml, where every key is documented.
+"""Write the README's configuration table from pyproject.toml, where every key is documented.
 
-Usage: python scripts/config_table.py   (paste the output into README.md; a test keeps them in sync)
+Usage: python scripts/config_table.py   (rewrites the table between the config-table markers of
+README.md; tests/unit/test_docs.py fails when the two disagree)
 """
 
 from __future__ import annotations
@@ -36,5 +37,18 @@ def config_table(pyproject_text: str) -> str:
     return "\n".join(lines)
 
 
+START, END = "<!-- config-table:start -->", "<!-- config-table:end -->"
+
+
+def with_table(readme: str, table: str) -> str:
+    """``readme`` with the text between the markers replaced by ``table``."""
+    head, rest = readme.split(START, 1)
+    _, tail = rest.split(END, 1)
+    return f"{head}{START}\n{table}\n{END}{tail}"
+
+
 if __name__ == "__main__":
-    print(config_table((ROOT / "pyproject.toml").read_text()))
+    readme_path = ROOT / "README.md"
+    table = config_table((ROOT / "pyproject.toml").read_text())
+    readme_path.write_text(with_table(readme_path.read_text(), table))
+    print(f"wrote {len(table.splitlines()) - 2} keys into {readme_path}")
