@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -71,3 +72,32 @@ def test_bad_config_stops_before_training_with_one_line(tmp_path: Path) -> None:
     assert "config: lora.rank=0 is not valid: expected an integer from 1 to 4096" in result.output
     assert not (tmp_path / "out").exists()
     assert "round 1/" not in result.output
+
+
+@pytest.mark.parametrize("strategy", ["zeropad", "flora", "flexlora", "ffa"])
+def test_three_ranks_with_a_4bit_wire(tmp_path: Path, strategy: str) -> None:
+    """Nodes of ranks 2, 4 and 8 (rank plan by partition id), 4-bit uplink and downlink."""
+    overrides = {
+        **SMALL,
+        "num-server-rounds": 1,
+        "train.local-steps": 2,
+        "task.num-eval": 8,
+        "strategy.fraction-evaluate": 0.0,
+        "strategy.name": strategy,
+        "strategy.rank-plan": "2,4,8",
+        "wire.uplink-bits": 4,
+        "wire.downlink-bits": 4,
+        "output.dir": str(tmp_path / "out"),
+        "output.run-name": strategy,
+    }
+    result = flwr_run(tmp_path / "flwr-home", overrides, num_supernodes=3)
+    run_dir = tmp_path / "out" / strategy
+    assert (run_dir / "metrics.jsonl").is_file(), result.output[-4000:]
+    (row,) = read_metrics(run_dir)
+    assert row["nodes_accepted"] == 3 and row["nodes_rejected"] == 0
+    assert row["uplink_bytes"] < 0.2 * row["uplink_bytes_fp32"]
+    assert row["downlink_bytes"] < 0.2 * row["downlink_bytes_fp32"]
+    for rank in (2, 4, 8):
+        assert f"rank {rank}, 4bit on cpu" in result.output
+    config = json.loads((run_dir / "adapter" / "adapter_config.json").read_text())
+    assert config["r"] == 8
