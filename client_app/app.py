@@ -144,6 +144,7 @@ def train(message: Message, context: Context) -> Message:
             P.NUM_EXAMPLES: len(examples),
             P.TRAIN_LOSS: result.mean_loss,
             P.TRAIN_SECONDS: result.seconds,
+            P.PEAK_RSS_MB: peak_rss_mb(),
         }
     )
     meta = ConfigRecord(
@@ -174,6 +175,15 @@ def evaluate(message: Message, context: Context) -> Message:
     )
     metrics = MetricRecord({P.NUM_EXAMPLES: len(examples), P.EVAL_LOSS: loss})
     return Message(content=RecordDict({P.METRICS: metrics}), reply_to=message)
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory in MiB (Linux reports KiB, macOS bytes)."""
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
 
 
 def _load_residual(context: Context, rank: int) -> dict[str, torch.Tensor] | None:

@@ -59,7 +59,6 @@ def load_tokenizer(name_or_path: str) -> Any:
 def load_base_model(name_or_path: str, config: ModelConfig, device_override: str = "") -> torch.nn.Module:
     """The frozen base causal LM, quantized per ``config.quantization``, on the configured device."""
     from transformers import AutoModelForCausalLM
-
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # one bar per load would drown the per-round progress lines

@@ -43,6 +43,7 @@ NUM_EXAMPLES: Final = "num-examples"  # the weight of the update in aggregation
 TRAIN_LOSS: Final = "train-loss"
 TRAIN_SECONDS: Final = "train-seconds"
 EVAL_LOSS: Final = "eval-loss"
+PEAK_RSS_MB: Final = "peak-rss-mb"  # the node process's peak resident memory so far (aggregated as max)
 
 # META keys, node -> server (RANK and FINGERPRINT as above).
 LORA_SCALE: Final = "lora-scale"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
@@ -54,6 +55,7 @@ def run_round(
     timeout: float,
 ) -> tuple[ArrayRecord, dict[str, Any]]:
     """One round: train on sampled nodes, aggregate, optionally evaluate on nodes; returns the new global."""
+    started = time.perf_counter()
     messages = list(strategy.configure_train(server_round, global_record, config, grid))
     downlink, downlink_fp32 = _bytes(messages), _bytes_fp32(messages)
     replies = list(grid.send_and_receive(messages, timeout=timeout))
@@ -71,6 +73,8 @@ def run_round(
         "round": server_round,
         "train_loss": _metric(train_metrics, P.TRAIN_LOSS),
         "train_seconds": _metric(train_metrics, P.TRAIN_SECONDS),
+        "client_peak_rss_mb": _metric(train_metrics, P.PEAK_RSS_MB),
+        "fit_seconds": time.perf_counter() - started,
         "nodes_sent": len(messages),
         "nodes_accepted": report.accepted,
         "nodes_rejected": len(report.rejected),

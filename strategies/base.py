@@ -338,7 +338,7 @@ def _norm(adapter: Adapter) -> float:
 
 
 def _weighted_metrics(records: Sequence[MetricRecord], weights: Sequence[float]) -> MetricRecord:
-    """Weighted mean of each numeric metric; ``num-examples`` is summed."""
+    """Weighted mean of each numeric metric; ``num-examples`` is summed, peak memory is the maximum."""
     out: dict[str, float] = {}
     keys = {k for r in records for k, v in r.items() if isinstance(v, (int, float))}
     for key in sorted(keys):
@@ -349,6 +349,8 @@ def _weighted_metrics(records: Sequence[MetricRecord], weights: Sequence[float])
         ]
         if key == P.NUM_EXAMPLES:
             out[key] = sum(v for v, _ in pairs)
+        elif key == P.PEAK_RSS_MB:
+            out[key] = max(v for v, _ in pairs)
         else:
             out[key] = sum(v * w for v, w in pairs) / max(sum(w for _, w in pairs), 1e-12)
     return MetricRecord(out)
