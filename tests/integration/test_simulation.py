@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from tests.integration.flower_run import flwr_run, read_metrics
+from scripts.flower_run import flwr_run, read_metrics
 
 pytestmark = pytest.mark.integration
 

@@ -1,0 +1,194 @@
+"""The default federation's cost: round time against the same steps in one plain process, memory, bytes.
+
+Usage: python benchmarks/federation.py [--rounds 6] [--quick]
+
+1. Model footprint of the embedded base at 4-bit and unquantized (transformers' memory footprint).
+2. A plain process (no Flower) loads the 4-bit base once and runs the training steps of one round:
+   the nodes a round samples times `train.local-steps`, on their partitions; its time and peak memory.
+3. `flwr run .` with the shipped configuration (10 simulated nodes); the steady round's fit time
+   (sending, training, aggregating: rounds 2+), whole round time, node peak memory and bytes.
+Writes the "federation" section of docs/BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks.report import load_average, machine_line, write_section  # noqa: E402
+from scripts.flower_run import flwr_run, read_metrics  # noqa: E402
+
+NUM_NODES = 10
+
+
+def shipped_config() -> dict[str, Any]:
+    """The run config `flwr run .` starts from."""
+    from tests.conftest import default_run_config
+
+    return default_run_config()
+
+
+def footprints() -> dict[str, float]:
+    """Bytes of the embedded base model's weights at 4-bit and at full precision."""
+    from pollen.config import parse_run_config
+    from pollen.model import load_base_model
+    from tasks.embedded import resolve_model_name
+
+    cfg = parse_run_config(shipped_config())
+    path = resolve_model_name(cfg.model.name)
+    out: dict[str, float] = {}
+    for quantization in ("4bit", "none"):
+        model = load_base_model(path, type(cfg.model)(path, quantization, "cpu", "float32"))
+        out[quantization] = float(model.get_memory_footprint())
+        out["parameters"] = float(sum(p.numel() for p in model.parameters()))
+    return out
+
+
+def plain_worker(nodes: int) -> dict[str, float]:
+    """Load once, then run `nodes x local-steps` training steps on the first partitions; no Flower."""
+    import resource
+
+    import torch
+
+    from pollen.config import parse_run_config
+    from pollen.model import LoraHost, load_base_model, load_tokenizer
+    from pollen.training import train_steps
+    from tasks.batches import sample_batches, tokenize_all
+    from tasks.data import node_data
+    from tasks.embedded import resolve_model_name
+
+    cfg = parse_run_config(shipped_config())
+    path = resolve_model_name(cfg.model.name)
+    host = LoraHost(load_base_model(path, cfg.model), cfg.lora, seed=cfg.seed)
+    tokenizer = load_tokenizer(path)
+    host.activate(cfg.lora.rank)
+    seconds = 0.0
+    for partition in range(nodes):
+        train, _ = node_data(cfg.task, partition, NUM_NODES, cfg.seed)
+        examples = tokenize_all(tokenizer, train, cfg.train.max_seq_len)
+        batches = sample_batches(examples, cfg.train.batch_size, tokenizer.pad_token_id, torch.Generator())
+        started = time.perf_counter()
+        train_steps(
+            host.model,
+            host.trainable_parameters(),
+            batches,
+            cfg.train.local_steps,
+            cfg.train.lr,
+            torch.device("cpu"),
+        )
+        seconds += time.perf_counter() - started
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {"seconds": seconds, "steps": nodes * cfg.train.local_steps, "peak_rss_mb": peak}
+
+
+def run_plain(nodes: int) -> dict[str, float]:
+    """plain_worker in a fresh process, so its peak memory is its own."""
+    done = subprocess.run(
+        [sys.executable, __file__, "--plain-worker", str(nodes)],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=ROOT,
+    )
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def run_federation(rounds: int) -> tuple[list[dict[str, Any]], float]:
+    with tempfile.TemporaryDirectory(prefix="pollen-bench-") as tmp:
+        overrides = {"num-server-rounds": rounds, "output.dir": tmp, "output.run-name": "bench"}
+        result = flwr_run(Path(tmp) / "flwr-home", overrides, num_supernodes=NUM_NODES, timeout=3600)
+        run_dir = Path(tmp) / "bench"
+        if not (run_dir / "metrics.jsonl").is_file():
+            raise RuntimeError("the federation did not finish:\n" + result.output[-3000:])
+        return read_metrics(run_dir), result.seconds
+
+
+def render(
+    command: str,
+    load: float | None,
+    sizes: dict[str, float],
+    plain: dict[str, float],
+    rows: list[dict[str, Any]],
+    wall: float,
+) -> str:
+    steady = rows[1:] or rows
+    fit = statistics.median(r["fit_seconds"] for r in steady)
+    whole = statistics.median(r["round_seconds"] for r in steady)
+    ratio = fit / plain["seconds"]
+    node_peak = max(r["client_peak_rss_mb"] or 0.0 for r in rows)
+    mib = 1024 * 1024
+    lines = [
+        "## Federation: time per round, memory, model footprint",
+        "",
+        f"Command: `{command}`  ",
+        f"Machine: {machine_line(load)}.",
+        "",
+        f"Shipped configuration, {NUM_NODES} simulated nodes, {len(rows)} rounds; the whole `flwr run` took "
+        f"{wall:.0f} s including start-up.",
+        "",
+        "| figure | value |",
+        "|---|---:|",
+        f"| embedded base parameters | {sizes['parameters'] / 1e6:.2f} M |",
+        f"| base footprint, 4-bit NF4 (double quant) | {sizes['4bit'] / mib:.2f} MiB |",
+        f"| base footprint, unquantized float32 | {sizes['none'] / mib:.2f} MiB |",
+        f"| plain process: {plain['steps']:.0f} training steps (one round's worth) "
+        f"| {plain['seconds']:.1f} s |",
+        f"| plain process peak memory | {plain['peak_rss_mb']:.0f} MiB |",
+        f"| steady round, fit (send, train, aggregate), median of rounds 2+ | {fit:.1f} s |",
+        f"| steady round fit / plain process | {ratio:.2f}x |",
+        f"| steady round including central evaluation | {whole:.1f} s |",
+        f"| peak memory of a node process (max over rounds) | {node_peak:.0f} MiB |",
+        f"| bytes per round, uplink / fp32 uplink | {rows[-1]['uplink_bytes'] / 1e6:.3f} MB / "
+        f"{rows[-1]['uplink_bytes_fp32'] / 1e6:.3f} MB |",
+        f"| bytes per round, downlink / fp32 downlink | {rows[-1]['downlink_bytes'] / 1e6:.3f} MB / "
+        f"{rows[-1]['downlink_bytes_fp32'] / 1e6:.3f} MB |",
+        "",
+        "| round | eval_loss | exact_match | fit s | round s |",
+        "|---:|---:|---:|---:|---:|",
+    ]
+    lines += [
+        f"| {r['round']} | {r['eval_loss']:.4f} | {r['exact_match']:.3f} | {r['fit_seconds']:.1f} | "
+        f"{r['round_seconds']:.1f} |"
+        for r in rows
+    ]
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=6, help="federated rounds to run (>= 2)")
+    parser.add_argument("--plain-worker", type=int, default=0, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.plain_worker:
+        print(json.dumps(plain_worker(args.plain_worker)))
+        return 0
+    if args.rounds < 2:
+        parser.error(f"--rounds={args.rounds}: at least 2 rounds are needed for a steady round")
+    load = load_average()
+    sizes = footprints()
+    cfg = shipped_config()
+    nodes_per_round = max(cfg["strategy.min-nodes"], -(-NUM_NODES * cfg["strategy.fraction-train"] // 1))
+    print(f"plain process: {int(nodes_per_round)} nodes x {cfg['train.local-steps']} steps", flush=True)
+    plain = run_plain(int(nodes_per_round))
+    print(f"federation: {args.rounds} rounds on {NUM_NODES} nodes", flush=True)
+    rows, wall = run_federation(args.rounds)
+    command = "python benchmarks/federation.py" + ("" if args.rounds == 6 else f" --rounds {args.rounds}")
+    section = render(command, load, sizes, plain, rows, wall)
+    print(section)
+    write_section("federation", section)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,64 @@
+"""Shared by the benchmark scripts: the machine line and writing one section of docs/BENCHMARKS.md."""
+
+from __future__ import annotations
+
+import os
+import platform
+from pathlib import Path
+
+import torch
+
+DOCS = Path(__file__).resolve().parents[1] / "docs" / "BENCHMARKS.md"
+HEADER = (
+    "# Benchmarks\n\n"
+    "Every table below was written by the script named in its section, with the command shown, on the\n"
+    "machine described there. Timings on a shared 2-core machine move with its load; the load average\n"
+    "is recorded next to each table.\n\n"
+)
+
+
+def load_average() -> float | None:
+    """1-minute load average, or None where the OS has none."""
+    return os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+
+
+def machine_line(load_before: float | None) -> str:
+    """nproc, CPU model, RAM, torch version and threads, and the load around the run."""
+    cpu = platform.processor() or "unknown CPU"
+    memory = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal"):
+                memory = f", {int(line.split()[1]) / 1024 / 1024:.0f} GiB RAM"
+                break
+    except OSError:
+        pass
+    nproc = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    after = load_average()
+    load = (
+        ""
+        if load_before is None or after is None
+        else f", load average {load_before:.2f} before / {after:.2f} after"
+    )
+    threads = torch.get_num_threads()
+    return f"nproc {nproc}, {cpu}{memory}, no GPU, torch {torch.__version__} ({threads} threads){load}"
+
+
+def write_section(name: str, section: str, path: Path = DOCS) -> None:
+    """Replace the text between ``<!-- name:start -->`` and ``<!-- name:end -->``; add it if missing."""
+    start_marker, end_marker = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+    block = f"{start_marker}\n{section.strip()}\n{end_marker}"
+    text = path.read_text() if path.exists() else HEADER
+    start, end = text.find(start_marker), text.find(end_marker)
+    if start == -1 and end == -1:
+        text = text.rstrip("\n") + "\n\n" + block + "\n"
+    elif start == -1 or end == -1 or end < start:
+        raise ValueError(f"{path}: broken {name} section; fix or delete its markers and rerun")
+    else:
+        text = text[:start] + block + text[end + len(end_marker) :]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
