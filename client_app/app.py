@@ -15,7 +15,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 from pollen import protocol as P
-from pollen.adapter import flatten, subtract, unflatten
+from pollen.adapter import Adapter, add, flatten, subtract, unflatten
 from pollen.codec import WireSpec, decode, encode
 from pollen.config import NodeConfig, RunConfig, parse_node_config, parse_run_config
 from pollen.device import resolve_device
@@ -33,6 +33,9 @@ app = ClientApp()
 # context.state key of the error-feedback residual (what quantization dropped from the last delta).
 RESIDUAL_STATE = "pollen-residual"
 RESIDUAL_RANK_STATE = "pollen-residual-rank"  # ConfigRecord: the rank the residual belongs to
+# context.state keys of the downlink view: the adapter this node last received, and its version.
+VIEW_STATE = "pollen-view"
+VIEW_META_STATE = "pollen-view-version"
 
 
 @dataclass
@@ -105,7 +108,7 @@ def train(message: Message, context: Context) -> Message:
     run, node = _configs(context)
     worker = _worker(run, node)
     config, rank = _check_instruction(message, worker, node)
-    received = unflatten(decode(message.content[P.ADAPTER]), scale=run.lora.alpha / rank)
+    received = _receive(message, context, config, rank, run.lora.alpha)
 
     slot = worker.host.activate(rank)
     worker.host.write(received)
@@ -175,6 +178,29 @@ def evaluate(message: Message, context: Context) -> Message:
     )
     metrics = MetricRecord({P.NUM_EXAMPLES: len(examples), P.EVAL_LOSS: loss})
     return Message(content=RecordDict({P.METRICS: metrics}), reply_to=message)
+
+
+def _receive(message: Message, context: Context, config: ConfigRecord, rank: int, alpha: float) -> Adapter:
+    """The global adapter at this node's rank: decoded whole, or as a change to the view kept in state."""
+    payload = unflatten(decode(message.content[P.ADAPTER]), scale=alpha / rank)
+    if P.DOWNLINK_VERSION not in config:
+        return payload
+    base = int(config[P.DOWNLINK_BASE])  # type: ignore[arg-type]
+    if base == P.NO_VIEW:
+        adapter = payload
+    else:
+        meta = context.state.config_records.get(VIEW_META_STATE)
+        record = context.state.array_records.get(VIEW_STATE)
+        if meta is None or record is None or meta.get(P.DOWNLINK_VERSION) != base:
+            have = None if meta is None else meta.get(P.DOWNLINK_VERSION)
+            raise ValueError(
+                f"the server sent a change to adapter version {base}, but this node holds version {have}; "
+                "the server resends the whole adapter next round"
+            )
+        adapter = add(unflatten(dict(record.to_torch_state_dict()), scale=alpha / rank), payload)
+    context.state[VIEW_STATE] = ArrayRecord({k: v.contiguous() for k, v in flatten(adapter).items()})
+    context.state[VIEW_META_STATE] = ConfigRecord({P.DOWNLINK_VERSION: int(config[P.DOWNLINK_VERSION])})  # type: ignore[arg-type]
+    return adapter
 
 
 def peak_rss_mb() -> float:

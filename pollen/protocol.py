@@ -32,6 +32,11 @@ UPLINK_SCHEME: Final = "uplink-scheme"
 BLOCK_SIZE: Final = "block-size"
 ERROR_FEEDBACK: Final = "error-feedback"
 TRAIN_A: Final = "train-a"  # False freezes the A factors (FFA-LoRA)
+# Downlink by change: ADAPTER holds (adapter - the node's view of version DOWNLINK_BASE), or the whole
+# adapter when DOWNLINK_BASE is -1; the node then keeps the result as its view DOWNLINK_VERSION.
+DOWNLINK_BASE: Final = "downlink-base"
+DOWNLINK_VERSION: Final = "downlink-version"
+NO_VIEW: Final = -1  # DOWNLINK_BASE of a message that carries the whole adapter
 
 # ConfigRecord keys of a node's handshake reply (META of a query), besides RANK (0 = server decides),
 # FINGERPRINT and QUANTIZATION.

@@ -155,6 +155,7 @@ def strategy_settings(cfg: RunConfig, fingerprint: str) -> StrategySettings:
         seed=cfg.seed,
         wait_seconds=cfg.strategy.round_timeout,
         norm_weighted=cfg.strategy.norm_weighted,
+        downlink_feedback=cfg.wire.error_feedback,
     )
 
 

@@ -20,7 +20,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from pollen import protocol as P
-from pollen.adapter import Adapter, LoraFactors, add, flatten, unflatten
+from pollen.adapter import Adapter, LoraFactors, add, flatten, subtract, unflatten
 from pollen.codec import CodecError, WireSpec, decode, encode
 
 log = logging.getLogger("pollen")
@@ -39,6 +39,7 @@ class StrategySettings:
     downlink: WireSpec
     seed: int
     wait_seconds: float = 600.0  # how long sampling waits for min_nodes to connect
+    downlink_feedback: bool = True  # quantized downlink sends changes since the node's last adapter
     norm_weighted: bool = False  # zeropad: weight each update also by its norm (HetLoRA)
 
 
@@ -102,6 +103,10 @@ class LoraStrategy(Strategy):
         self.node_ranks: dict[int, int] = {}
         self._global: Adapter | None = None
         self._sent: dict[int, Adapter] = {}  # node id -> adapter it was sent, as it decodes it
+        # Downlink views: node id -> (version, the adapter the node holds); committed on an accepted reply.
+        self._views: dict[int, tuple[int, Adapter]] = {}
+        self._pending_views: dict[int, tuple[int, Adapter]] = {}
+        self._downlink_delta = settings.downlink.bits < 32 and settings.downlink_feedback
         self._generator = torch.Generator().manual_seed(settings.seed)
 
     # ---- math hooks ---------------------------------------------------------------------------
@@ -144,6 +149,7 @@ class LoraStrategy(Strategy):
         """Sample nodes; send each the global adapter projected to its rank and encoded for the downlink."""
         self._global = adapter_from_record(arrays)
         self._sent = {}
+        self._pending_views = {}
         messages = []
         for node_id in self._sample(grid, self.settings.fraction_train, server_round, salt=0):
             message, sent = self._message(node_id, config, server_round, MessageType.TRAIN)
@@ -161,10 +167,16 @@ class LoraStrategy(Strategy):
         updates: list[NodeUpdate] = []
         metrics: list[MetricRecord] = []
         for reply in replies:
+            node = reply.metadata.src_node_id
+            if node in self._pending_views:  # the node received (and stored) this round's adapter...
+                if reply.has_error():  # ...unless it failed: start it afresh with a full adapter
+                    self._views.pop(node, None)
+                else:
+                    self._views[node] = self._pending_views[node]
             try:
                 updates.append(self._accept(reply))
             except (CodecError, KeyError, ValueError, TypeError) as exc:
-                reason = f"node {reply.metadata.src_node_id}: {exc}"
+                reason = f"node {node}: {exc}"
                 self.report.rejected.append(reason)
                 log.warning("round %d: rejected the update of %s", server_round, reason)
                 continue
@@ -234,16 +246,33 @@ class LoraStrategy(Strategy):
     def _message(
         self, node_id: int, config: ConfigRecord, server_round: int, kind: str
     ) -> tuple[Message, Adapter]:
-        """The message for one node, and the adapter as the node will decode it."""
+        """The message for one node, and the adapter as the node will decode it.
+
+        With a quantized downlink and error feedback, a training message carries only the change since
+        the adapter the node holds (its *view*); what quantization drops is still in the next change.
+        """
         if self._global is None:
             raise RuntimeError("no global adapter: configure_* sets it")
         rank = self.rank_of(node_id)
         adapter = self.project(self._global, rank)
-        record = encode(flatten(adapter), self.settings.downlink, self._generator)
-        decoded = (
-            adapter if self.settings.downlink.bits == 32 else unflatten(decode(record), rank_scale(adapter))
-        )
+        spec = self.settings.downlink
+        view = self._views.get(node_id) if kind == MessageType.TRAIN and self._downlink_delta else None
+        if view is not None and not _same_shapes(view[1], adapter):
+            view = None
+        base = view[1] if view is not None else None
+        payload = flatten(adapter) if base is None else flatten(subtract(adapter, base))
+        record = encode(payload, spec, self._generator)
+        if spec.bits == 32 and base is None:
+            decoded = adapter
+        else:
+            change = unflatten(decode(record), rank_scale(adapter))
+            decoded = change if base is None else add(base, change)
         node_config = ConfigRecord(dict(config))  # never mutate the caller's record
+        if kind == MessageType.TRAIN and self._downlink_delta:
+            version = (view[0] if view is not None else 0) + 1
+            node_config[P.DOWNLINK_BASE] = view[0] if view is not None else P.NO_VIEW
+            node_config[P.DOWNLINK_VERSION] = version
+            self._pending_views[node_id] = (version, decoded)
         node_config[P.ROUND] = server_round
         node_config[P.RANK] = rank
         node_config[P.LORA_ALPHA] = self.settings.alpha
@@ -317,6 +346,12 @@ class LoraStrategy(Strategy):
                 self.report.rejected.append(reason)
                 log.warning("round %d: rejected an update: %s", server_round, reason)
                 del updates[i], metrics[i]
+
+
+def _same_shapes(left: Adapter, right: Adapter) -> bool:
+    return left.keys() == right.keys() and all(
+        left[m].a.shape == right[m].a.shape and left[m].b.shape == right[m].b.shape for m in left
+    )
 
 
 def rank_of_adapter(adapter: Adapter) -> int:
