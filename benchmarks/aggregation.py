@@ -1,0 +1,386 @@
+"""Time one round of the server's aggregation math at Llama-2-7B shapes; write docs/BENCHMARKS.md.
+
+Scenario: q_proj and v_proj of 32 layers (64 modules of 4096x4096), 8 nodes of ranks 4,4,8,8,16,16,32,64,
+random factors, weights proportional to random numbers of examples. FlexLoRA is timed twice: through the
+low-rank route Pollen uses (two thin QRs and a small SVD per module) and through the dense route (form the
+4096x4096 sum, ``torch.linalg.svd``) on a few modules, scaled to 64.
+
+Usage (from the repository root, with Pollen installed): ``python benchmarks/aggregation.py``.
+``--quick`` runs a small scenario for smoke tests and only prints, unless ``--docs`` is given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from pollen.adapter import Adapter, LoraFactors
+from strategies.math.fedavg import average_factors, normalize_weights
+from strategies.math.ffa import ffa_aggregate
+from strategies.math.flexlora import lowrank_svd
+from strategies.math.flora import stack_factors
+from strategies.math.projection import adapter_from_svd, project_to_rank
+from strategies.math.zeropad import zeropad_aggregate
+
+START_MARKER = "<!-- aggregation:start -->"
+END_MARKER = "<!-- aggregation:end -->"
+DEFAULT_DOCS = Path(__file__).resolve().parents[1] / "docs" / "BENCHMARKS.md"
+NEW_DOCS_HEADER = (
+    "# Benchmarks\n\nEach section below is written by the script it names; rerun the script to update it.\n\n"
+)
+MAX_PRODUCT_DIFFERENCE = 1e-4  # low-rank vs dense FlexLoRA, relative Frobenius norm
+TARGET_SECONDS = 5.0
+TARGET_SPEEDUP = 50.0
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """Model shapes and federation of one benchmark run."""
+
+    num_layers: int  # each contributes a q_proj and a v_proj
+    features: int  # in_features == out_features of every adapted projection
+    node_ranks: tuple[int, ...]
+    dense_modules: int  # modules timed through the dense SVD route, then scaled to all modules
+    repeats: int  # runs of each timed step; the median is reported
+    check_targets: bool  # the acceptance targets are stated for the full Llama-2-7B scenario only
+    alpha: float = 16.0
+    equal_rank: int = 16  # FedAvg needs equal ranks: every node at this rank
+
+    @property
+    def num_modules(self) -> int:
+        return 2 * self.num_layers
+
+    @property
+    def module_names(self) -> list[str]:
+        return [
+            f"model.layers.{layer}.self_attn.{proj}"
+            for layer in range(self.num_layers)
+            for proj in ("q_proj", "v_proj")
+        ]
+
+
+FULL = Scenario(
+    num_layers=32,
+    features=4096,
+    node_ranks=(4, 4, 8, 8, 16, 16, 32, 64),
+    dense_modules=2,
+    repeats=3,
+    check_targets=True,
+)
+QUICK = Scenario(
+    num_layers=2,
+    features=512,
+    node_ranks=(4, 4, 8, 8, 16, 16, 32, 64),
+    dense_modules=1,
+    repeats=1,
+    check_targets=False,
+)
+
+
+@dataclass(frozen=True)
+class Row:
+    """One line of the results table."""
+
+    method: str
+    work: str
+    modules_timed: str
+    seconds: float  # per round, for all modules of the scenario
+
+
+def random_updates(scenario: Scenario, ranks: Sequence[int], seed: int) -> list[Adapter]:
+    """One adapter per node: A like PEFT's init, B as after a little training; scale alpha / rank."""
+    generator = torch.Generator().manual_seed(seed)
+    bound = scenario.features**-0.5
+    updates: list[Adapter] = []
+    for rank in ranks:
+        adapter: Adapter = {}
+        for name in scenario.module_names:
+            a = (torch.rand((rank, scenario.features), generator=generator) * 2 - 1) * bound  # (rank, in)
+            b = torch.randn((scenario.features, rank), generator=generator) * 0.01  # (out, rank)
+            adapter[name] = LoraFactors(a=a, b=b, scale=scenario.alpha / rank)
+        updates.append(adapter)
+    return updates
+
+
+def shared_a_updates(updates: Sequence[Adapter]) -> list[Adapter]:
+    """FFA-LoRA inputs: every node's A replaced by a prefix of the largest-rank node's A."""
+    largest = max(range(len(updates)), key=lambda k: next(iter(updates[k].values())).rank)
+    return [
+        {
+            name: LoraFactors(a=updates[largest][name].a[: pair.rank], b=pair.b, scale=pair.scale)
+            for name, pair in update.items()
+        }
+        for update in updates
+    ]
+
+
+def median_seconds(step: Callable[[], object], repeats: int) -> float:
+    """Median wall time of ``repeats`` runs of ``step``."""
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def dense_flexlora(
+    updates: Sequence[Adapter], fractions: Sequence[float], name: str, rank: int
+) -> torch.Tensor:
+    """The dense route for one module: form ``W = sum_k p_k s_k B_k A_k``, take its full thin SVD.
+
+    Returns the rank-``rank`` truncation in float64, to compare with the low-rank route.
+    """
+    pairs = [update[name] for update in updates]
+    dense = torch.zeros(pairs[0].b.shape[0], pairs[0].a.shape[1])  # (out_features, in_features)
+    for pair, fraction in zip(pairs, fractions, strict=True):
+        dense.addmm_(pair.b, pair.a, alpha=fraction * pair.scale)
+    u, s, vh = torch.linalg.svd(dense, full_matrices=False)  # (out, n), (n,), (n, in)
+    return (u[:, :rank].double() * s[:rank].double()) @ vh[:rank].double()  # (out_features, in_features)
+
+
+def time_fedavg(scenario: Scenario, weights: Sequence[float]) -> Row:
+    """FedAvg needs equal ranks, so it gets its own federation with every node at ``equal_rank``."""
+    equal = random_updates(scenario, [scenario.equal_rank] * len(weights), seed=2)
+    seconds = median_seconds(lambda: average_factors(equal, weights), scenario.repeats)
+    work = f"average A and B of {len(weights)} rank-{scenario.equal_rank} updates"
+    return Row("FedAvg (FedIT)", work, str(scenario.num_modules), seconds)
+
+
+def time_zeropad(scenario: Scenario, updates: Sequence[Adapter], weights: Sequence[float]) -> list[Row]:
+    """Zero-padding, plain and norm-weighted, and the per-node truncation that follows it."""
+    modules, repeats = str(scenario.num_modules), scenario.repeats
+    ranks = ",".join(str(r) for r in scenario.node_ranks)
+    top = max(scenario.node_ranks)
+    plain = median_seconds(lambda: zeropad_aggregate(updates, weights), repeats)
+    weighted = median_seconds(lambda: zeropad_aggregate(updates, weights, norm_weighted=True), repeats)
+    padded = zeropad_aggregate(updates, weights)
+    per_node = median_seconds(
+        lambda: [project_to_rank(padded, r, scenario.alpha, "truncate") for r in scenario.node_ranks], repeats
+    )
+    return [
+        Row("Zero-padding (HetLoRA)", f"pad ranks {ranks} to {top}, average", modules, plain),
+        Row(
+            "Zero-padding, norm-weighted",
+            "same, weights x Frobenius norm of s B A (no dense product)",
+            modules,
+            weighted,
+        ),
+        Row(
+            "Zero-padding, per-node truncation",
+            f"{len(weights)} node adapters from the global",
+            modules,
+            per_node,
+        ),
+    ]
+
+
+def time_flora_and_ffa(scenario: Scenario, updates: Sequence[Adapter], weights: Sequence[float]) -> list[Row]:
+    """FLoRA stacking, and FFA-LoRA on the same B's with every A a prefix of one shared A."""
+    modules, repeats = str(scenario.num_modules), scenario.repeats
+    stacking = median_seconds(lambda: stack_factors(updates, weights), repeats)
+    ffa_updates = shared_a_updates(updates)
+    ffa = median_seconds(lambda: ffa_aggregate(ffa_updates, weights), repeats)
+    return [
+        Row(
+            "FLoRA stacking", f"concatenate to rank {sum(scenario.node_ranks)} (exact sum)", modules, stacking
+        ),
+        Row("FFA-LoRA", "check shared A, pad and average B", modules, ffa),
+    ]
+
+
+def time_flexlora(
+    scenario: Scenario, updates: Sequence[Adapter], weights: Sequence[float]
+) -> tuple[list[Row], dict[str, float]]:
+    """FlexLoRA through the low-rank route (all modules) and the dense route (a few modules, scaled)."""
+    modules, repeats, nodes = str(scenario.num_modules), scenario.repeats, len(weights)
+    rank_sum, top = sum(scenario.node_ranks), max(scenario.node_ranks)
+    # The server needs components up to the largest node rank only.
+    svd_seconds = median_seconds(lambda: lowrank_svd(updates, weights, max_rank=top), repeats)
+    svds = lowrank_svd(updates, weights, max_rank=top)
+    per_node = median_seconds(
+        lambda: [adapter_from_svd(svds, r, scenario.alpha) for r in scenario.node_ranks], repeats
+    )
+    lowrank_seconds = svd_seconds + per_node
+
+    fractions = normalize_weights(weights, nodes)
+    subset = scenario.module_names[: scenario.dense_modules]
+    dense_times, differences = [], []
+    for name in subset:
+        start = time.perf_counter()
+        dense_product = dense_flexlora(updates, fractions, name, top)
+        dense_times.append(time.perf_counter() - start)
+        gap = svds[name].product(top).double() - dense_product
+        differences.append(float(torch.linalg.norm(gap) / torch.linalg.norm(dense_product)))
+    scale_up = scenario.num_modules / len(subset)
+    dense_seconds = sum(dense_times) * scale_up + per_node
+    size = f"{scenario.features}x{scenario.features}"
+    rows = [
+        Row(
+            "FlexLoRA, low-rank SVD",
+            f"stack, 2 thin QRs, {rank_sum}x{rank_sum} SVD, keep top {top}",
+            modules,
+            svd_seconds,
+        ),
+        Row("FlexLoRA, per-node factors", f"{nodes} node adapters from the shared SVD", modules, per_node),
+        Row("**FlexLoRA, low-rank route, total**", "one round, all nodes", modules, lowrank_seconds),
+        Row(
+            "**FlexLoRA, dense route, total**",
+            f"form the {size} sum + torch.linalg.svd, then {nodes} node adapters",
+            f"{len(subset)}, scaled x{scale_up:g}",
+            dense_seconds,
+        ),
+    ]
+    comparison = {
+        "lowrank_seconds": lowrank_seconds,
+        "dense_seconds": dense_seconds,
+        "speedup": dense_seconds / lowrank_seconds,
+        "max_difference": max(differences),
+        "compared_rank": float(top),
+        "dense_modules": float(len(subset)),
+    }
+    return rows, comparison
+
+
+def run(scenario: Scenario) -> tuple[list[Row], dict[str, float]]:
+    """Time every method on ``scenario``; return table rows and the FlexLoRA comparison numbers."""
+    nodes = len(scenario.node_ranks)
+    examples = torch.randint(100, 5000, (nodes,), generator=torch.Generator().manual_seed(1))
+    weights = [float(n) for n in examples]  # numbers of examples; each function normalises them
+    updates = random_updates(scenario, scenario.node_ranks, seed=0)
+    rows = [time_fedavg(scenario, weights)]
+    rows += time_zeropad(scenario, updates, weights)
+    rows += time_flora_and_ffa(scenario, updates, weights)
+    flex_rows, comparison = time_flexlora(scenario, updates, weights)
+    return rows + flex_rows, comparison
+
+
+def load_average() -> float | None:
+    """1-minute load average, or None where the OS has none; other jobs on the cores skew the timings."""
+    return os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+
+
+def machine_line(load_before: float | None) -> str:
+    """nproc, CPU model, torch version and threads, so numbers can be compared across machines."""
+    cpu = platform.processor() or "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    nproc = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    load_after = load_average()
+    load = (
+        ""
+        if load_before is None or load_after is None
+        else (f", 1-minute load average {load_before:.2f} before and {load_after:.2f} after the run")
+    )
+    return (
+        f"nproc {nproc}, CPU {cpu}, torch {torch.__version__}, "
+        f"torch.get_num_threads() {torch.get_num_threads()}{load}"
+    )
+
+
+def render(
+    scenario: Scenario,
+    rows: Sequence[Row],
+    comparison: dict[str, float],
+    command: str,
+    load_before: float | None,
+) -> str:
+    """The markdown section, markers excluded."""
+    ranks = ",".join(str(r) for r in scenario.node_ranks)
+    lines = [
+        "## Aggregation math (server side, one round)",
+        "",
+        f"Command: `{command}`  ",
+        f"Machine: {machine_line(load_before)}.",
+        "",
+        f"Scenario: Llama-2-7B shapes, q_proj and v_proj of {scenario.num_layers} layers "
+        f"({scenario.num_modules} modules, {scenario.features}x{scenario.features} each); "
+        f"{len(scenario.node_ranks)} nodes of ranks {ranks}, lora_alpha {scenario.alpha:g} "
+        "(scale alpha/rank); "
+        "random factors; weights proportional to random numbers of examples. "
+        f"Times are medians of {scenario.repeats} run(s), float32 factors, default torch threads.",
+        "",
+        "| method | what is timed | modules timed | seconds per round, all modules |",
+        "|---|---|---|---:|",
+    ]
+    lines += [f"| {r.method} | {r.work} | {r.modules_timed} | {r.seconds:.3f} |" for r in rows]
+    speed_ok = comparison["lowrank_seconds"] <= TARGET_SECONDS
+    ratio_ok = comparison["speedup"] >= TARGET_SPEEDUP
+    diff_ok = comparison["max_difference"] < MAX_PRODUCT_DIFFERENCE
+    lines += [
+        "",
+        f"FlexLoRA: the low-rank route is **{comparison['speedup']:.0f}x** faster than the dense route "
+        f"(dense time measured on {comparison['dense_modules']:g} module(s) and scaled to "
+        f"{scenario.num_modules}). Max relative Frobenius difference of the "
+        f"rank-{comparison['compared_rank']:g} products between the routes on the timed modules: "
+        f"{comparison['max_difference']:.2e} "
+        f"(must be < {MAX_PRODUCT_DIFFERENCE:g}: {'met' if diff_ok else 'NOT met'}).",
+        "",
+    ]
+    if scenario.check_targets:
+        lines.append(
+            f"Targets: low-rank FlexLoRA <= {TARGET_SECONDS:g} s per round: "
+            f"{'met' if speed_ok else 'NOT met'}; >= {TARGET_SPEEDUP:g}x faster than dense: "
+            f"{'met' if ratio_ok else 'NOT met'}."
+        )
+    else:
+        lines.append("Targets apply to the full scenario and are not checked in this smoke run.")
+    return "\n".join(lines)
+
+
+def write_section(path: Path, section: str) -> None:
+    """Replace the text between the aggregation markers in ``path``; create the file or section if missing."""
+    block = f"{START_MARKER}\n{section}\n{END_MARKER}"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(NEW_DOCS_HEADER + block + "\n")
+        return
+    text = path.read_text()
+    start, end = text.find(START_MARKER), text.find(END_MARKER)
+    if start == -1 and end == -1:
+        path.write_text(text.rstrip("\n") + "\n\n" + block + "\n")
+        return
+    if start == -1 or end == -1 or end < start:
+        raise ValueError(
+            f"{path} has a broken aggregation section: expected {START_MARKER} before {END_MARKER}; "
+            "fix or delete the markers and rerun"
+        )
+    path.write_text(text[:start] + block + text[end + len(END_MARKER) :])
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--quick", action="store_true", help="small scenario for smoke tests; prints only")
+    parser.add_argument(
+        "--docs", type=Path, default=None, help=f"markdown file to update (default {DEFAULT_DOCS})"
+    )
+    args = parser.parse_args(argv)
+    scenario = QUICK if args.quick else FULL
+    load_before = load_average()
+    rows, comparison = run(scenario)
+    command = "python benchmarks/aggregation.py" + (" " + " ".join(sys.argv[1:]) if sys.argv[1:] else "")
+    section = render(scenario, rows, comparison, command, load_before)
+    print(section)
+    docs = args.docs if args.docs is not None else (None if args.quick else DEFAULT_DOCS)
+    if docs is not None:
+        write_section(docs, section)
+        print(f"\nwrote {docs}")
+    return 0 if comparison["max_difference"] < MAX_PRODUCT_DIFFERENCE else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
