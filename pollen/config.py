@@ -88,6 +88,7 @@ class WireConfig:
 class OutputConfig:
     dir: str
     run_name: str
+    resume: bool  # continue output.run-name from its checkpoint
 
 
 @dataclass(frozen=True)
@@ -157,6 +158,7 @@ _RUN_KEYS: dict[str, _Key] = {
         lambda v: "/" not in v and v not in (".", ".."),
         "a folder name without '/', or empty for a timestamp",
     ),
+    "output.resume": _Key(bool, accepted="true or false"),
     "model.name": _Key(
         str, lambda v: v.strip() != "", "'embedded', a local model folder, or a Hugging Face id"
     ),
@@ -258,6 +260,8 @@ def parse_run_config(run_config: Mapping[str, Any]) -> RunConfig:
                 f"{values['lora.rank']}), but strategy.name='fedavg' needs one rank: use 'zeropad', "
                 "'flora', 'flexlora' or 'ffa', or a plan of lora.rank only"
             )
+        if values["output.resume"] and not values["output.run-name"]:
+            problems.append("output.resume=true needs output.run-name: name the run folder to continue")
         if values["wire.scheme"] == "nf4" and 4 not in (
             values["wire.uplink-bits"],
             values["wire.downlink-bits"],
@@ -273,7 +277,7 @@ def parse_run_config(run_config: Mapping[str, Any]) -> RunConfig:
     return RunConfig(
         num_server_rounds=v["num-server-rounds"],
         seed=v["seed"],
-        output=OutputConfig(dir=v["output.dir"], run_name=v["output.run-name"]),
+        output=OutputConfig(dir=v["output.dir"], run_name=v["output.run-name"], resume=v["output.resume"]),
         model=ModelConfig(
             name=v["model.name"],
             quantization=v["model.quantization"],

@@ -7,14 +7,21 @@ import sys
 import time
 from typing import Any
 
-from flwr.app import ConfigRecord, Context
+from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
 from pollen import protocol as P
 from pollen.codec import WireSpec
 from pollen.config import ConfigError, RunConfig, parse_run_config
 from pollen.model import LoraHost, check_model_available, load_base_model, load_tokenizer
-from server_app.artifacts import RunFolder, check_run_folder_free, run_folder_path
+from server_app.artifacts import CHECKPOINT_DIR, RunFolder, check_run_folder_free, run_folder_path
+from server_app.checkpoint import (
+    Checkpoint,
+    CheckpointError,
+    checkpoint_round,
+    load_checkpoint,
+    save_checkpoint,
+)
 from server_app.evaluation import Evaluator, load_global
 from server_app.nodes import NodeDirectory
 from server_app.rounds import progress_line, run_round
@@ -57,9 +64,15 @@ def preflight(run_config: dict[str, Any]) -> tuple[RunConfig, str]:
         load_pool_and_eval(cfg.task, cfg.seed)
     except DataError as exc:
         problems.append(str(exc))
+    run_dir = run_folder_path(cfg.output.dir, cfg.output.run_name)
     try:
-        check_run_folder_free(run_folder_path(cfg.output.dir, cfg.output.run_name))
-    except FileExistsError as exc:
+        if not cfg.output.resume:
+            check_run_folder_free(run_dir)
+        elif checkpoint_round(run_dir / CHECKPOINT_DIR) is None:
+            problems.append(
+                f"output.resume=true but {run_dir} holds no checkpoint; start it with output.resume=false"
+            )
+    except (FileExistsError, CheckpointError) as exc:
         problems.append(str(exc))
     if problems:
         raise ConfigError(problems)
@@ -107,19 +120,26 @@ def main(grid: Grid, context: Context) -> None:
     nodes.discover(grid, timeout=cfg.strategy.round_timeout)
     strategy.node_ranks = eligible_ranks(strategy, nodes)
 
-    global_rank = strategy.global_rank(sorted(set(strategy.node_ranks.values())))
-    host.activate(global_rank)
-    global_record = adapter_to_record(strategy.initial_global(host.read()))
-    folder.create(
-        {"run_config": cfg.to_dict(), "base_model_path": model_path, "fingerprint": host.fingerprint}
-    )
-    log.info("run folder %s", folder.path)
+    meta = {"fingerprint": host.fingerprint, "strategy": cfg.strategy.name}
+    rows: list[dict[str, Any]] = []
+    if cfg.output.resume:
+        checkpoint = load_checkpoint(folder.path / CHECKPOINT_DIR, require=meta)
+        global_record = ArrayRecord(dict(checkpoint.adapter))
+        rows = list(checkpoint.metrics)
+        folder.rewrite_metrics(rows)  # drops any line of a round that was in flight
+        log.info("resuming %s after round %d", folder.path, checkpoint.round)
+    else:
+        global_rank = strategy.global_rank(sorted(set(strategy.node_ranks.values())))
+        host.activate(global_rank)
+        global_record = adapter_to_record(strategy.initial_global(host.read()))
+        folder.create({"run_config": cfg.to_dict(), "base_model_path": model_path, **meta})
+        log.info("run folder %s", folder.path)
+        base_loss, base_match = evaluate(global_record)
+        log.info("round 0 (base + initial adapter): eval_loss %.4f | exact_match %.3f", base_loss, base_match)
     strategy.summary()
 
-    base_loss, base_match = evaluate(global_record)
-    log.info("round 0 (base + initial adapter): eval_loss %.4f | exact_match %.3f", base_loss, base_match)
     config = train_config(cfg)
-    for server_round in range(1, cfg.num_server_rounds + 1):
+    for server_round in range(len(rows) + 1, cfg.num_server_rounds + 1):
         started = time.perf_counter()
         if nodes.discover(grid, timeout=cfg.strategy.round_timeout):
             strategy.node_ranks = eligible_ranks(strategy, nodes)
@@ -128,7 +148,14 @@ def main(grid: Grid, context: Context) -> None:
         )
         loss, match = evaluate(global_record)
         row.update(eval_loss=loss, exact_match=match, round_seconds=time.perf_counter() - started)
+        rows.append(row)
         folder.append_metrics(row)
+        save_checkpoint(
+            folder.path / CHECKPOINT_DIR,
+            Checkpoint(
+                round=server_round, adapter=dict(global_record.to_torch_state_dict()), metrics=rows, meta=meta
+            ),
+        )
         log.info(progress_line(row, cfg.num_server_rounds))
 
     load_global(host, global_record)

@@ -18,6 +18,7 @@ import torch
 METRICS_FILE = "metrics.jsonl"
 CONFIG_FILE = "run_config.json"
 ADAPTER_DIR = "adapter"
+CHECKPOINT_DIR = "checkpoint"  # round checkpoints (server_app.checkpoint), for output.resume
 
 
 def run_folder_path(output_dir: str, run_name: str) -> Path:
@@ -59,6 +60,11 @@ class RunFolder:
         target = self.path / METRICS_FILE
         previous = target.read_bytes() if target.exists() else b""
         write_atomic(target, previous + (json.dumps(dict(row), sort_keys=True) + "\n").encode())
+
+    def rewrite_metrics(self, rows: list[Mapping[str, Any]]) -> None:
+        """metrics.jsonl holding exactly ``rows`` (on resume: the rounds the checkpoint covers)."""
+        text = "".join(json.dumps(dict(row), sort_keys=True) + "\n" for row in rows)
+        write_atomic(self.path / METRICS_FILE, text.encode())
 
     def save_adapter(self, peft_config: Any, state: Mapping[str, torch.Tensor], base_model_path: str) -> Path:
         """A standard PEFT adapter folder (adapter_config.json + adapter_model.safetensors)."""
