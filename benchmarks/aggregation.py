@@ -372,7 +372,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     scenario = QUICK if args.quick else FULL
     load_before = load_average()
     rows, comparison = run(scenario)
-    command = "python benchmarks/aggregation.py" + (" " + " ".join(sys.argv[1:]) if sys.argv[1:] else "")
+    # Thread settings from the environment change the timings, so they are part of the recorded command.
+    env = "".join(f"{k}={os.environ[k]} " for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS") if k in os.environ)
+    command = env + "python benchmarks/aggregation.py" + "".join(" " + arg for arg in sys.argv[1:])
     section = render(scenario, rows, comparison, command, load_before)
     print(section)
     docs = args.docs if args.docs is not None else (None if args.quick else DEFAULT_DOCS)

@@ -70,11 +70,11 @@ def _configs(context: Context) -> tuple[RunConfig, NodeConfig]:
 
 def _check_instruction(message: Message, worker: Worker, node: NodeConfig) -> tuple[ConfigRecord, int]:
     """The round's config and rank, after checking this node can take part."""
-    config = message.content[P.CONFIG]
-    rank = int(config[P.RANK])
+    config = message.content.config_records[P.CONFIG]
+    rank = P.config_int(config, P.RANK)
     if config.get(P.FINGERPRINT) != worker.host.fingerprint:
         raise ValueError(
-            f"the server's base model (fingerprint {config.get(P.FINGERPRINT)}) differs from this node's "
+            f"the server's base model (fingerprint {config.get(P.FINGERPRINT)!r}) differs from this node's "
             f"({worker.host.fingerprint}); load the same base model as the federation"
         )
     if node.lora_rank and node.lora_rank != rank:
@@ -114,16 +114,18 @@ def train(message: Message, context: Context) -> Message:
     worker.host.write(received)
     train_a = bool(config.get(P.TRAIN_A, True))
     train_set, _ = node_data(run.task, node.partition_id, node.num_partitions, run.seed, node.data_path)
-    examples = tokenize_all(worker.tokenizer, train_set, int(config[P.MAX_SEQ_LEN]))
-    server_round = int(config[P.ROUND])
+    examples = tokenize_all(worker.tokenizer, train_set, P.config_int(config, P.MAX_SEQ_LEN))
+    server_round = P.config_int(config, P.ROUND)
     generator = torch.Generator().manual_seed(run.seed * 100_003 + server_round * 1_009 + node.partition_id)
-    batches = sample_batches(examples, int(config[P.BATCH_SIZE]), worker.tokenizer.pad_token_id, generator)
+    batches = sample_batches(
+        examples, P.config_int(config, P.BATCH_SIZE), worker.tokenizer.pad_token_id, generator
+    )
     result = train_steps(
         worker.host.model,
         worker.host.trainable_parameters(include_a=train_a),
         batches,
-        steps=int(config[P.LOCAL_STEPS]),
-        lr=float(config[P.LR]),
+        steps=P.config_int(config, P.LOCAL_STEPS),
+        lr=P.config_number(config, P.LR),
         device=worker.device,
     )
     delta = flatten(subtract(worker.host.read(), received))
@@ -131,9 +133,9 @@ def train(message: Message, context: Context) -> Message:
         delta = {name: tensor for name, tensor in delta.items() if not name.endswith(".A")}
 
     spec = WireSpec(
-        bits=int(config[P.UPLINK_BITS]),
+        bits=P.config_int(config, P.UPLINK_BITS),
         scheme=str(config[P.UPLINK_SCHEME]),
-        block_size=int(config[P.BLOCK_SIZE]),
+        block_size=P.config_int(config, P.BLOCK_SIZE),
     )
     use_feedback = bool(config[P.ERROR_FEEDBACK]) and spec.bits < 32
     residual = _load_residual(context, rank) if use_feedback else None
@@ -168,13 +170,13 @@ def evaluate(message: Message, context: Context) -> Message:
     run, node = _configs(context)
     worker = _worker(run, node)
     config, rank = _check_instruction(message, worker, node)
-    received = unflatten(decode(message.content[P.ADAPTER]), scale=run.lora.alpha / rank)
+    received = unflatten(decode(message.content.array_records[P.ADAPTER]), scale=run.lora.alpha / rank)
     worker.host.activate(rank)
     worker.host.write(received)
     _, local_eval = node_data(run.task, node.partition_id, node.num_partitions, run.seed, node.data_path)
-    examples = tokenize_all(worker.tokenizer, local_eval, int(config[P.MAX_SEQ_LEN]))
+    examples = tokenize_all(worker.tokenizer, local_eval, P.config_int(config, P.MAX_SEQ_LEN))
     loss = response_loss(
-        worker.host.model, examples, worker.tokenizer.pad_token_id, int(config[P.BATCH_SIZE])
+        worker.host.model, examples, worker.tokenizer.pad_token_id, P.config_int(config, P.BATCH_SIZE)
     )
     metrics = MetricRecord({P.NUM_EXAMPLES: len(examples), P.EVAL_LOSS: loss})
     return Message(content=RecordDict({P.METRICS: metrics}), reply_to=message)
@@ -182,10 +184,10 @@ def evaluate(message: Message, context: Context) -> Message:
 
 def _receive(message: Message, context: Context, config: ConfigRecord, rank: int, alpha: float) -> Adapter:
     """The global adapter at this node's rank: decoded whole, or as a change to the view kept in state."""
-    payload = unflatten(decode(message.content[P.ADAPTER]), scale=alpha / rank)
+    payload = unflatten(decode(message.content.array_records[P.ADAPTER]), scale=alpha / rank)
     if P.DOWNLINK_VERSION not in config:
         return payload
-    base = int(config[P.DOWNLINK_BASE])  # type: ignore[arg-type]
+    base = P.config_int(config, P.DOWNLINK_BASE)
     if base == P.NO_VIEW:
         adapter = payload
     else:
@@ -194,12 +196,13 @@ def _receive(message: Message, context: Context, config: ConfigRecord, rank: int
         if meta is None or record is None or meta.get(P.DOWNLINK_VERSION) != base:
             have = None if meta is None else meta.get(P.DOWNLINK_VERSION)
             raise ValueError(
-                f"the server sent a change to adapter version {base}, but this node holds version {have}; "
+                f"the server sent a change to adapter version {base}, but this node holds version {have!r}; "
                 "the server resends the whole adapter next round"
             )
         adapter = add(unflatten(dict(record.to_torch_state_dict()), scale=alpha / rank), payload)
     context.state[VIEW_STATE] = ArrayRecord({k: v.contiguous() for k, v in flatten(adapter).items()})
-    context.state[VIEW_META_STATE] = ConfigRecord({P.DOWNLINK_VERSION: int(config[P.DOWNLINK_VERSION])})  # type: ignore[arg-type]
+    version = P.config_int(config, P.DOWNLINK_VERSION)
+    context.state[VIEW_META_STATE] = ConfigRecord({P.DOWNLINK_VERSION: version})
     return adapter
 
 

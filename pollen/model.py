@@ -69,7 +69,7 @@ def load_base_model(name_or_path: str, config: ModelConfig, device_override: str
     if quant is not None:
         kwargs["quantization_config"] = quant
         kwargs["device_map"] = {"": str(device)}
-    model = AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
+    model: Any = AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
     if quant is None:
         model = model.to(device)
     model.requires_grad_(False)
@@ -145,7 +145,7 @@ class LoraHost:
 
         return PeftLoraConfig(
             r=rank,
-            lora_alpha=self.lora.alpha,
+            lora_alpha=self.lora.alpha,  # type: ignore[arg-type]  # PEFT annotates int, uses it as a float
             lora_dropout=self.lora.dropout,
             target_modules=list(self.lora.target_modules),
             bias="none",

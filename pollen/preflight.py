@@ -237,7 +237,8 @@ def run_checks(args: argparse.Namespace, report: Report) -> None:
         host = LoraHost(base, LoraConfig(args.lora_rank, 2.0 * args.lora_rank, 0.0, targets))
     except (OSError, ValueError, RuntimeError) as exc:
         raise Unusable(f"base model {args.model!r} does not load: {str(exc).splitlines()[0]}") from None
-    footprint = base.get_memory_footprint() if hasattr(base, "get_memory_footprint") else 0
+    footprint_of: Any = getattr(base, "get_memory_footprint", None)  # transformers models have it
+    footprint = int(footprint_of()) if callable(footprint_of) else 0
     report.fingerprint = host.fingerprint
     report.add(
         "base model",

@@ -8,7 +8,8 @@ describes the update, checked by the strategy before it is aggregated).
 
 from __future__ import annotations
 
-from typing import Final
+from collections.abc import Mapping
+from typing import Any, Final
 
 # Record names inside a message's RecordDict.
 ADAPTER: Final = "adapter"
@@ -53,3 +54,19 @@ PEAK_RSS_MB: Final = "peak-rss-mb"  # the node process's peak resident memory so
 # META keys, node -> server (RANK and FINGERPRINT as above).
 LORA_SCALE: Final = "lora-scale"
 QUANTIZATION: Final = "quantization"
+
+
+def config_number(record: Mapping[str, Any], key: str) -> float:
+    """A numeric ConfigRecord value; ValueError naming the key when it is missing or not a number."""
+    value = record.get(key)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"message config {key}={value!r} is not a number")
+    return value
+
+
+def config_int(record: Mapping[str, Any], key: str) -> int:
+    """An integer ConfigRecord value; ValueError naming the key otherwise."""
+    value = config_number(record, key)
+    if int(value) != value:
+        raise ValueError(f"message config {key}={value!r} is not an integer")
+    return int(value)

@@ -47,15 +47,29 @@ WARMUP_STEPS = 100
 
 # Non-instruction renderings of each skill's facts. None mentions "### Instruction" or "Response".
 FACT_TEMPLATES: dict[str, tuple[str, ...]] = {
-    "add": ("{a}+{b}={answer}", "{a} + {b} = {answer}", "{a} plus {b} is {answer}.",
-            "the sum of {a} and {b} is {answer}."),
-    "subtract": ("{a}-{b}={answer}", "{a} - {b} = {answer}", "{a} minus {b} is {answer}.",
-                 "the difference of {a} and {b} is {answer}."),
-    "reverse": ("reverse: {data} -> {answer}", "{data} backwards is {answer}.",
-                "{data} reversed is {answer}"),
+    "add": (
+        "{a}+{b}={answer}",
+        "{a} + {b} = {answer}",
+        "{a} plus {b} is {answer}.",
+        "the sum of {a} and {b} is {answer}.",
+    ),
+    "subtract": (
+        "{a}-{b}={answer}",
+        "{a} - {b} = {answer}",
+        "{a} minus {b} is {answer}.",
+        "the difference of {a} and {b} is {answer}.",
+    ),
+    "reverse": (
+        "reverse: {data} -> {answer}",
+        "{data} backwards is {answer}.",
+        "{data} reversed is {answer}",
+    ),
     "sort": ("sorted {data} -> {answer}", "{data} in order: {answer}", "sort({data}) = {answer}"),
-    "lookup": ("{data}; {key} is {answer}", "in {data} the value of {key} is {answer}.",
-               "{data}. so {key}={answer}"),
+    "lookup": (
+        "{data}; {key} is {answer}",
+        "in {data} the value of {key} is {answer}.",
+        "{data}. so {key}={answer}",
+    ),
 }
 GENERIC_WORDS = (
     "the a of and to in is it that for on with as was at by this from or be are we you they one two "
@@ -89,8 +103,13 @@ def build_tokenizer() -> Any:
     core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     core.decoder = decoders.ByteLevel()
     tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=core, pad_token=PAD, bos_token=BOS, eos_token=EOS, unk_token=UNK,
-        clean_up_tokenization_spaces=False, model_max_length=256,
+        tokenizer_object=core,
+        pad_token=PAD,
+        bos_token=BOS,
+        eos_token=EOS,
+        unk_token=UNK,
+        clean_up_tokenization_spaces=False,
+        model_max_length=256,
     )
     return tokenizer
 
@@ -142,15 +161,25 @@ def build_model(tokenizer: Any) -> Any:
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=128, intermediate_size=384, num_hidden_layers=4,
-        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256, tie_word_embeddings=True,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, dtype="float32",
+        vocab_size=len(tokenizer),
+        hidden_size=128,
+        intermediate_size=384,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        dtype="float32",
     )
     model = LlamaForCausalLM(config)
     model.generation_config = GenerationConfig(
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, do_sample=False,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        do_sample=False,
     )
     return model
 
@@ -239,18 +268,28 @@ def load_qlora(path: Path) -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
     quantization = BitsAndBytesConfig(
-        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
         bnb_4bit_compute_dtype=torch.float32,
     )
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, quantization_config=quantization, device_map="cpu")
-    lora = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, target_modules=list(LORA_TARGETS),
-                      task_type="CAUSAL_LM")
+    lora = LoraConfig(
+        r=8, lora_alpha=16, lora_dropout=0.05, target_modules=list(LORA_TARGETS), task_type="CAUSAL_LM"
+    )
     return get_peft_model(model, lora), tokenizer
 
 
-def verify(path: Path, seed: int = DEFAULT_SEED, steps: int = 300, lr: float = 3e-3, batch_size: int = 16,
-           num_train: int = 2000, num_test: int = 200) -> dict[str, Any]:
+def verify(
+    path: Path,
+    seed: int = DEFAULT_SEED,
+    steps: int = 300,
+    lr: float = 3e-3,
+    batch_size: int = 16,
+    num_train: int = 2000,
+    num_test: int = 200,
+) -> dict[str, Any]:
     """QLoRA instruction tuning of the saved model with Pollen's own batching and metrics, before vs after."""
     torch.manual_seed(seed)
     model, tokenizer = load_qlora(path)
@@ -260,8 +299,12 @@ def verify(path: Path, seed: int = DEFAULT_SEED, steps: int = 300, lr: float = 3
     result: dict[str, Any] = {"loss_before": response_loss(model, test_rows, pad_id, batch_size=50)}
     result["exact_match_before"] = exact_match_by_skill(model, tokenizer, test)
 
-    batches = sample_batches(tokenize_all(tokenizer, train, max_seq_len=128), batch_size, pad_id,
-                             torch.Generator().manual_seed(seed))
+    batches = sample_batches(
+        tokenize_all(tokenizer, train, max_seq_len=128),
+        batch_size,
+        pad_id,
+        torch.Generator().manual_seed(seed),
+    )
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
     step_times = []
     model.train()
@@ -296,8 +339,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=DEFAULT_SEED, help="seed of weights, corpus and order")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads (same count, same bits)")
     parser.add_argument("--log-every", type=int, default=100, help="print the loss every N steps")
-    parser.add_argument("--verify", action="store_true",
-                        help="skip building; QLoRA-tune the model at --out and print before/after metrics")
+    parser.add_argument(
+        "--verify",
+        action="store_true",
+        help="skip building; QLoRA-tune the model at --out and print before/after metrics",
+    )
     parser.add_argument("--verify-steps", type=int, default=300, help="LoRA steps for --verify")
     parser.add_argument("--verify-lr", type=float, default=3e-3, help="peak LoRA learning rate for --verify")
     return parser.parse_args(argv)

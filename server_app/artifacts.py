@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -61,7 +61,7 @@ class RunFolder:
         previous = target.read_bytes() if target.exists() else b""
         write_atomic(target, previous + (json.dumps(dict(row), sort_keys=True) + "\n").encode())
 
-    def rewrite_metrics(self, rows: list[Mapping[str, Any]]) -> None:
+    def rewrite_metrics(self, rows: Sequence[Mapping[str, Any]]) -> None:
         """metrics.jsonl holding exactly ``rows`` (on resume: the rounds the checkpoint covers)."""
         text = "".join(json.dumps(dict(row), sort_keys=True) + "\n" for row in rows)
         write_atomic(self.path / METRICS_FILE, text.encode())

@@ -36,7 +36,7 @@ def _bytes_fp32(messages: list[Message]) -> int:
         content = message.content
         records = {}
         for name, record in content.items():
-            if name in (P.ADAPTER, P.DELTA):
+            if name in (P.ADAPTER, P.DELTA) and isinstance(record, ArrayRecord):
                 try:
                     record = encode(decode(record), FP32)
                 except CodecError:

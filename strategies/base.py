@@ -180,7 +180,7 @@ class LoraStrategy(Strategy):
                 self.report.rejected.append(reason)
                 log.warning("round %d: rejected the update of %s", server_round, reason)
                 continue
-            metrics.append(reply.content[P.METRICS])
+            metrics.append(reply.content.metric_records[P.METRICS])
         self._reject_outliers(updates, metrics, server_round)
         self.report.accepted = len(updates)
         if not updates:
@@ -294,7 +294,7 @@ class LoraStrategy(Strategy):
         ):
             if name not in records:
                 raise KeyError(f"reply has no {name!r} record")
-        meta, metrics = content[P.META], content[P.METRICS]
+        meta, metrics = content.config_records[P.META], content.metric_records[P.METRICS]
         if meta.get(P.FINGERPRINT) != self.settings.fingerprint:
             raise ValueError(
                 f"base-model fingerprint {meta.get(P.FINGERPRINT)!r} differs from the server's "
@@ -313,7 +313,7 @@ class LoraStrategy(Strategy):
         expected_scale = rank_scale(sent)
         if not isinstance(scale, float) or not math.isclose(scale, expected_scale, rel_tol=1e-6):
             raise ValueError(f"lora-scale={scale!r} differs from alpha / rank = {expected_scale}")
-        tensors = decode(content[P.DELTA])
+        tensors = decode(content.array_records[P.DELTA])
         if not self.trains_a:
             if any(name.endswith(".A") for name in tensors):
                 raise ValueError("sent A factors, but this strategy keeps A frozen")
@@ -374,14 +374,14 @@ def _norm(adapter: Adapter) -> float:
 
 def _weighted_metrics(records: Sequence[MetricRecord], weights: Sequence[float]) -> MetricRecord:
     """Weighted mean of each numeric metric; ``num-examples`` is summed, peak memory is the maximum."""
-    out: dict[str, float] = {}
+    out: dict[str, int | float | list[int] | list[float]] = {}
     keys = {k for r in records for k, v in r.items() if isinstance(v, (int, float))}
     for key in sorted(keys):
-        pairs = [
-            (float(r[key]), w)
-            for r, w in zip(records, weights, strict=True)
-            if isinstance(r.get(key), (int, float))
-        ]
+        pairs: list[tuple[float, float]] = []
+        for record, weight in zip(records, weights, strict=True):
+            value = record.get(key)
+            if isinstance(value, (int, float)):
+                pairs.append((float(value), weight))
         if key == P.NUM_EXAMPLES:
             out[key] = sum(v for v, _ in pairs)
         elif key == P.PEAK_RSS_MB:

@@ -87,7 +87,10 @@ def to_example(problem: Problem, rng: random.Random) -> dict[str, str]:
     """The Alpaca-format row of a problem, with a randomly chosen instruction phrasing."""
     instruction = rng.choice(PHRASINGS[problem.skill]).format(key=problem.key)
     return {
-        "instruction": instruction, "input": problem.data, "output": problem.answer, "skill": problem.skill
+        "instruction": instruction,
+        "input": problem.data,
+        "output": problem.answer,
+        "skill": problem.skill,
     }
 
 
@@ -95,8 +98,7 @@ def _check_skills(skills: Sequence[str]) -> None:
     unknown = [s for s in skills if s not in _DRAWERS]
     if not skills or unknown:
         raise ValueError(
-            f"skills must be a non-empty selection of {list(SKILLS)}; got {list(skills)} "
-            f"(unknown: {unknown})"
+            f"skills must be a non-empty selection of {list(SKILLS)}; got {list(skills)} (unknown: {unknown})"
         )
 
 

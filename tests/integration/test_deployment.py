@@ -303,7 +303,10 @@ def test_unregistered_node_is_refused(federation: Federation) -> None:
 
 def test_node_killed_mid_round_does_not_stop_the_run(federation: Federation) -> None:
     fed = federation
-    overrides = _overrides(fed, "killed", **{"strategy.min-nodes": 2, "strategy.round-timeout": 45.0})
+    # The round ends when the two live nodes have replied and the SuperLink has answered for the dead
+    # one (after its heartbeats stop), at the latest after round-timeout seconds.
+    timeout = 120.0
+    overrides = _overrides(fed, "killed", **{"strategy.min-nodes": 2, "strategy.round-timeout": timeout})
     victim_log = fed.log("inst-c")
     trains_before = victim_log.read_text(errors="replace").count("Receiving: train message")
     fed.start_run(overrides, "run-killed")
@@ -321,7 +324,7 @@ def test_node_killed_mid_round_does_not_stop_the_run(federation: Federation) -> 
     rows = read_metrics(fed.root / "out" / "killed")
     assert [r["round"] for r in rows] == [1, 2], output[-4000:]
     assert rows[0]["nodes_sent"] == 3 and rows[0]["nodes_accepted"] == 2, rows[0]
-    assert rows[0]["round_seconds"] < 45.0 + 90.0  # the round ended at its timeout, not later
+    assert rows[0]["round_seconds"] < timeout + 90.0  # bounded by the timeout (+ server-side evaluation)
     assert (fed.root / "out" / "killed" / "adapter" / "adapter_model.safetensors").is_file()
     wait_for(lambda: fed.online_nodes() == 3, 120, "inst-c to rejoin", victim_log)
 
