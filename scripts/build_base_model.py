@@ -255,11 +255,12 @@ def build(out: Path, steps: int, seed: int, log_every: int = 100) -> None:
 # --------------------------------------------------------------------------------------------- verify
 def exact_match_by_skill(model: Any, tokenizer: Any, test: Any) -> dict[str, float]:
     """Exact match of greedy answers (at most 12 new tokens), overall and per skill."""
-    result = {"all": exact_match(model, tokenizer, test, max_new_tokens=12, batch_size=50)}
+    result, hits = {}, 0.0
     for skill in SKILLS:
         subset = test.filter(lambda row, s=skill: row["skill"] == s)
         result[skill] = exact_match(model, tokenizer, subset, max_new_tokens=12, batch_size=50)
-    return result
+        hits += result[skill] * len(subset)
+    return {"all": hits / len(test), **result}
 
 
 def load_qlora(path: Path) -> tuple[Any, Any]:

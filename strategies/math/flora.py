@@ -4,10 +4,10 @@ Concatenating the clients' A factors along the rank axis (each multiplied by its
 their B factors likewise gives one pair of rank ``sum_k r_k`` whose product is exactly the weighted sum of
 the clients' products, ``sum_k p_k s_k B_k A_k``; averaging A and B separately (FedIT) is not.
 
-The stacked rank grows with every round and every client, so Pollen's choice is: the server folds the
-stacked product into the base weights each round (:func:`fold_into_dense`, small models only) and clients
-restart from fresh adapters; a server that must keep a factored global adapter instead re-projects the
-stack to a rank cap with the exact low-rank SVD (:func:`reproject`).
+The stacked rank grows with every round and every client. Pollen's strategy (strategies/flora.py)
+re-projects the stack to the largest node rank with the exact low-rank SVD (:func:`reproject` does the
+same for a plain stack); folding into the base weights (:func:`fold_into_dense`, small dense models
+only) would re-quantize every node's 4-bit base each round. docs/STRATEGIES.md explains the choice.
 """
 
 from __future__ import annotations
