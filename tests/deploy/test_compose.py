@@ -19,8 +19,9 @@ from typing import Any
 
 import pytest
 
+from scripts.flower_run import ROOT, read_metrics, run_config_arg
 from tests.deploy.conftest import DockerEngine
-from tests.integration.flower_run import ROOT, read_metrics, run_config_arg
+from tests.integration.test_deployment import SMALL as DEPLOYMENT_SMALL
 
 pytestmark = pytest.mark.deploy
 
@@ -34,15 +35,7 @@ BIN = Path(sys.executable).parent
 NODE_UID = 10001  # the containers' user (docker/Dockerfile)
 
 SMALL: dict[str, Any] = {
-    "num-server-rounds": 2,
-    "train.local-steps": 2,
-    "train.batch-size": 8,
-    "task.num-train": 300,
-    "task.num-eval": 16,
-    "task.max-new-tokens": 4,
-    "strategy.fraction-train": 1.0,
-    "strategy.fraction-evaluate": 0.0,
-    "strategy.min-nodes": 3,
+    **DEPLOYMENT_SMALL,  # the process-deployment test's shrunk run, with a longer round timeout
     "strategy.round-timeout": 180.0,
     "output.dir": "/artifacts/outputs",
     "output.run-name": "compose",

@@ -21,7 +21,7 @@ from typing import IO, Any
 import psutil
 import pytest
 
-from tests.integration.flower_run import ROOT, read_metrics, run_config_arg
+from scripts.flower_run import ROOT, read_metrics, run_config_arg
 
 pytestmark = pytest.mark.integration
 
