@@ -26,17 +26,10 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.report import load_average, machine_line, write_section  # noqa: E402
-from scripts.flower_run import flwr_run, read_metrics  # noqa: E402
+from benchmarks.report import load_average, machine_line, nodes_per_round, write_section  # noqa: E402
+from scripts.flower_run import flwr_run, read_metrics, shipped_run_config  # noqa: E402
 
 NUM_NODES = 10
-
-
-def shipped_config() -> dict[str, Any]:
-    """The run config `flwr run .` starts from."""
-    from tests.conftest import default_run_config
-
-    return default_run_config()
 
 
 def footprints() -> dict[str, float]:
@@ -45,11 +38,11 @@ def footprints() -> dict[str, float]:
     from pollen.model import load_base_model
     from tasks.embedded import resolve_model_name
 
-    cfg = parse_run_config(shipped_config())
+    cfg = parse_run_config(shipped_run_config())
     path = resolve_model_name(cfg.model.name)
     out: dict[str, float] = {}
     for quantization in ("4bit", "none"):
-        model = load_base_model(path, type(cfg.model)(path, quantization, "cpu", "float32"))
+        model: Any = load_base_model(path, type(cfg.model)(path, quantization, "cpu", "float32"))
         out[quantization] = float(model.get_memory_footprint())
         out["parameters"] = float(sum(p.numel() for p in model.parameters()))
     return out
@@ -68,7 +61,7 @@ def plain_worker(nodes: int) -> dict[str, float]:
     from tasks.data import node_data
     from tasks.embedded import resolve_model_name
 
-    cfg = parse_run_config(shipped_config())
+    cfg = parse_run_config(shipped_run_config())
     path = resolve_model_name(cfg.model.name)
     host = LoraHost(load_base_model(path, cfg.model), cfg.lora, seed=cfg.seed)
     tokenizer = load_tokenizer(path)
@@ -177,10 +170,10 @@ def main() -> int:
         parser.error(f"--rounds={args.rounds}: at least 2 rounds are needed for a steady round")
     load = load_average()
     sizes = footprints()
-    cfg = shipped_config()
-    nodes_per_round = max(cfg["strategy.min-nodes"], -(-NUM_NODES * cfg["strategy.fraction-train"] // 1))
-    print(f"plain process: {int(nodes_per_round)} nodes x {cfg['train.local-steps']} steps", flush=True)
-    plain = run_plain(int(nodes_per_round))
+    cfg = shipped_run_config()
+    sampled = nodes_per_round(cfg, NUM_NODES)
+    print(f"plain process: {sampled} nodes x {cfg['train.local-steps']} steps", flush=True)
+    plain = run_plain(sampled)
     print(f"federation: {args.rounds} rounds on {NUM_NODES} nodes", flush=True)
     rows, wall = run_federation(args.rounds)
     command = "python benchmarks/federation.py" + ("" if args.rounds == 6 else f" --rounds {args.rounds}")

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import math
 import os
 import platform
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -62,3 +64,11 @@ def write_section(name: str, section: str, path: Path = DOCS) -> None:
         text = text[:start] + block + text[end + len(end_marker) :]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
+
+
+def nodes_per_round(run_config: dict[str, Any], num_nodes: int) -> int:
+    """How many nodes a training round samples: the strategies' rule (fraction, at least min-nodes)."""
+    wanted = max(
+        int(run_config["strategy.min-nodes"]), math.ceil(run_config["strategy.fraction-train"] * num_nodes)
+    )
+    return min(num_nodes, wanted)

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import psutil
+import tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -28,6 +29,22 @@ class FlowerRun:
     returncode: int
     output: str
     seconds: float
+
+
+def _flatten(table: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in table.items():
+        if isinstance(value, Mapping):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def shipped_run_config() -> dict[str, Any]:
+    """The run config `flwr run .` starts from: pyproject's [tool.flwr.app.config], flattened."""
+    data = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    return _flatten(data["tool"]["flwr"]["app"]["config"])
 
 
 def _toml_value(value: Any) -> str:

@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -18,22 +17,12 @@ if str(ROOT) not in sys.path:
 os.environ.setdefault("HF_DATASETS_CACHE", tempfile.mkdtemp(prefix="pollen-test-datasets-"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-
-def _flatten(table: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in table.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            out.update(_flatten(value, name + "."))
-        else:
-            out[name] = value
-    return out
+from scripts.flower_run import shipped_run_config  # noqa: E402
 
 
 def default_run_config() -> dict[str, Any]:
-    """The run config `flwr run .` starts from (pyproject's [tool.flwr.app.config], flattened)."""
-    data = tomllib.loads((ROOT / "pyproject.toml").read_text())
-    return _flatten(data["tool"]["flwr"]["app"]["config"])
+    """The run config `flwr run .` starts from."""
+    return shipped_run_config()
 
 
 @pytest.fixture
