@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -24,21 +23,20 @@ from typing import TypeVar
 
 import torch
 
-from pollen.adapter import Adapter, LoraFactors
-from strategies.math.fedavg import average_factors, normalize_weights
-from strategies.math.ffa import ffa_aggregate
-from strategies.math.flexlora import lowrank_svd
-from strategies.math.flora import stack_factors
-from strategies.math.projection import adapter_from_svd, project_to_rank
-from strategies.math.zeropad import zeropad_aggregate
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks.report import DOCS, load_average, machine_line, write_section  # noqa: E402
+from pollen.adapter import Adapter, LoraFactors  # noqa: E402
+from strategies.math.fedavg import average_factors, normalize_weights  # noqa: E402
+from strategies.math.ffa import ffa_aggregate  # noqa: E402
+from strategies.math.flexlora import lowrank_svd  # noqa: E402
+from strategies.math.flora import stack_factors  # noqa: E402
+from strategies.math.projection import adapter_from_svd, project_to_rank  # noqa: E402
+from strategies.math.zeropad import zeropad_aggregate  # noqa: E402
 
 T = TypeVar("T")
-START_MARKER = "<!-- aggregation:start -->"
-END_MARKER = "<!-- aggregation:end -->"
-DEFAULT_DOCS = Path(__file__).resolve().parents[1] / "docs" / "BENCHMARKS.md"
-NEW_DOCS_HEADER = (
-    "# Benchmarks\n\nEach section below is written by the script it names; rerun the script to update it.\n\n"
-)
 MAX_PRODUCT_DIFFERENCE = 1e-4  # low-rank vs dense FlexLoRA, relative Frobenius norm
 TARGET_SECONDS = 5.0
 TARGET_SPEEDUP = 50.0
@@ -285,34 +283,6 @@ def run(scenario: Scenario) -> tuple[list[Row], dict[str, float]]:
     return rows + flex_rows, comparison
 
 
-def load_average() -> float | None:
-    """1-minute load average, or None where the OS has none; other jobs on the cores skew the timings."""
-    return os.getloadavg()[0] if hasattr(os, "getloadavg") else None
-
-
-def machine_line(load_before: float | None) -> str:
-    """nproc, CPU model, torch version and threads, so numbers can be compared across machines."""
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    nproc = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    load_after = load_average()
-    load = (
-        ""
-        if load_before is None or load_after is None
-        else (f", 1-minute load average {load_before:.2f} before and {load_after:.2f} after the run")
-    )
-    return (
-        f"nproc {nproc}, CPU {cpu}, torch {torch.__version__}, "
-        f"torch.get_num_threads() {torch.get_num_threads()}{load}"
-    )
-
-
 def render(
     scenario: Scenario,
     rows: Sequence[Row],
@@ -368,32 +338,10 @@ def render(
     return "\n".join(lines)
 
 
-def write_section(path: Path, section: str) -> None:
-    """Replace the text between the aggregation markers in ``path``; create the file or section if missing."""
-    block = f"{START_MARKER}\n{section}\n{END_MARKER}"
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(NEW_DOCS_HEADER + block + "\n")
-        return
-    text = path.read_text()
-    start, end = text.find(START_MARKER), text.find(END_MARKER)
-    if start == -1 and end == -1:
-        path.write_text(text.rstrip("\n") + "\n\n" + block + "\n")
-        return
-    if start == -1 or end == -1 or end < start:
-        raise ValueError(
-            f"{path} has a broken aggregation section: expected {START_MARKER} before {END_MARKER}; "
-            "fix or delete the markers and rerun"
-        )
-    path.write_text(text[:start] + block + text[end + len(END_MARKER) :])
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--quick", action="store_true", help="small scenario for smoke tests; prints only")
-    parser.add_argument(
-        "--docs", type=Path, default=None, help=f"markdown file to update (default {DEFAULT_DOCS})"
-    )
+    parser.add_argument("--docs", type=Path, default=None, help=f"markdown file to update (default {DOCS})")
     args = parser.parse_args(argv)
     scenario = QUICK if args.quick else FULL
     load_before = load_average()
@@ -403,9 +351,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = env + "python benchmarks/aggregation.py" + "".join(" " + arg for arg in sys.argv[1:])
     section = render(scenario, rows, comparison, command, load_before)
     print(section)
-    docs = args.docs if args.docs is not None else (None if args.quick else DEFAULT_DOCS)
+    docs = args.docs if args.docs is not None else (None if args.quick else DOCS)
     if docs is not None:
-        write_section(docs, section)
+        write_section("aggregation", section, docs)
         print(f"\nwrote {docs}")
     return 0 if comparison["max_difference"] < MAX_PRODUCT_DIFFERENCE else 1
 

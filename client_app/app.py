@@ -116,7 +116,9 @@ def train(message: Message, context: Context) -> Message:
     train_set, _ = node_data(run.task, node.partition_id, node.num_partitions, run.seed, node.data_path)
     examples = tokenize_all(worker.tokenizer, train_set, P.config_int(config, P.MAX_SEQ_LEN))
     server_round = P.config_int(config, P.ROUND)
-    generator = torch.Generator().manual_seed(run.seed * 100_003 + server_round * 1_009 + node.partition_id)
+    seed = run.seed * 100_003 + server_round * 1_009 + node.partition_id
+    generator = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)  # LoRA dropout draws from the global generator: same seed, same run
     batches = sample_batches(
         examples, P.config_int(config, P.BATCH_SIZE), worker.tokenizer.pad_token_id, generator
     )

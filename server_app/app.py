@@ -118,7 +118,7 @@ def main(grid: Grid, context: Context) -> None:
     nodes = NodeDirectory(host.fingerprint, cfg.strategy.rank_plan, cfg.lora.rank)
     wait_for_nodes(grid, cfg.strategy.min_nodes, cfg.strategy.round_timeout)
     nodes.discover(grid, timeout=cfg.strategy.round_timeout)
-    strategy.node_ranks = eligible_ranks(strategy, nodes)
+    admit(strategy, nodes)
 
     meta = {"fingerprint": host.fingerprint, "strategy": cfg.strategy.name}
     rows: list[dict[str, Any]] = []
@@ -142,7 +142,7 @@ def main(grid: Grid, context: Context) -> None:
     for server_round in range(len(rows) + 1, cfg.num_server_rounds + 1):
         started = time.perf_counter()
         if nodes.discover(grid, timeout=cfg.strategy.round_timeout):
-            strategy.node_ranks = eligible_ranks(strategy, nodes)
+            admit(strategy, nodes)
         global_record, row = run_round(
             grid, strategy, server_round, global_record, config, cfg.strategy.round_timeout
         )
@@ -195,6 +195,12 @@ def wait_for_nodes(grid: Grid, count: int, timeout: float) -> None:
                 f"fewer than strategy.min-nodes={count} nodes connected within {timeout:.0f} s"
             )
         time.sleep(1.0)
+
+
+def admit(strategy: LoraStrategy, nodes: NodeDirectory) -> None:
+    """Tell the strategy which nodes it may sample, at which rank, in which (partition) order."""
+    strategy.node_ranks = eligible_ranks(strategy, nodes)
+    strategy.node_keys = {node_id: info.partition_id for node_id, info in nodes.infos.items()}
 
 
 def eligible_ranks(strategy: LoraStrategy, nodes: NodeDirectory) -> dict[int, int]:

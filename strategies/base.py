@@ -91,7 +91,8 @@ class LoraStrategy(Strategy):
     """Base class of Pollen strategies (Flower message-API strategy, hooks only).
 
     ``node_ranks`` (node id -> rank) is filled by the ServerApp from each node's handshake; only nodes
-    listed there are sampled.
+    listed there are sampled. ``node_keys`` (node id -> partition id) orders nodes before the seeded
+    draw: node ids are random per run, partition ids are not, so the same seed samples the same data.
     """
 
     name = "base"
@@ -101,6 +102,7 @@ class LoraStrategy(Strategy):
         self.settings = settings
         self.report = RoundReport()
         self.node_ranks: dict[int, int] = {}
+        self.node_keys: dict[int, int] = {}
         self._global: Adapter | None = None
         self._sent: dict[int, Adapter] = {}  # node id -> adapter it was sent, as it decodes it
         # Downlink views: node id -> (version, the adapter the node holds); committed on an accepted reply.
@@ -166,7 +168,8 @@ class LoraStrategy(Strategy):
         self.report = RoundReport()
         updates: list[NodeUpdate] = []
         metrics: list[MetricRecord] = []
-        for reply in replies:
+        # Replies arrive in any order; summing in partition order keeps a seeded run reproducible.
+        for reply in sorted(replies, key=lambda r: self._order(r.metadata.src_node_id)):
             node = reply.metadata.src_node_id
             if node in self._pending_views:  # the node received (and stored) this round's adapter...
                 if reply.has_error():  # ...unless it failed: start it afresh with a full adapter
@@ -235,10 +238,14 @@ class LoraStrategy(Strategy):
             time.sleep(1.0)
         size = min(len(nodes), max(self.settings.min_nodes, math.ceil(fraction * len(nodes))))
         rng = random.Random(self.settings.seed * 1_000_003 + server_round * 2 + salt)
-        return sorted(rng.sample(nodes, size))
+        return sorted(rng.sample(nodes, size), key=self._order)
+
+    def _order(self, node_id: int) -> tuple[int, int]:
+        """Sort key of a node: its partition id when known, then its node id."""
+        return (self.node_keys.get(node_id, node_id), node_id)
 
     def _eligible(self, grid: Grid) -> list[int]:
-        connected = sorted(grid.get_node_ids())
+        connected = sorted(grid.get_node_ids(), key=self._order)
         if not self.node_ranks:  # no handshake made: every connected node trains the default rank
             return connected
         return [n for n in connected if n in self.node_ranks]

@@ -8,21 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from pollen.adapter import Adapter, LoraFactors
+from pollen.adapter import LoraFactors
 from strategies.math.fedavg import average_factors, normalize_weights
-
-ALPHA = 16.0
-MODULES = {"layers.0.q_proj": (64, 48), "layers.0.v_proj": (32, 48)}  # name -> (out_features, in_features)
-
-
-def random_adapter(rank: int, seed: int) -> Adapter:
-    generator = torch.Generator().manual_seed(seed)
-    adapter: Adapter = {}
-    for name, (out_features, in_features) in MODULES.items():
-        a = torch.randn((rank, in_features), generator=generator)  # (rank, in)
-        b = torch.randn((out_features, rank), generator=generator)  # (out, rank)
-        adapter[name] = LoraFactors(a=a, b=b, scale=ALPHA / rank)
-    return adapter
+from tests.unit.factors import ALPHA, MODULES, random_adapter
 
 
 def test_average_matches_np_average_of_each_factor() -> None:

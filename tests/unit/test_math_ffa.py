@@ -8,12 +8,9 @@ import torch
 
 from pollen.adapter import Adapter, LoraFactors
 from strategies.math.ffa import average_b, ffa_aggregate, shared_a
+from tests.unit.factors import ALPHA, MODULES, RANKS, WEIGHTS
 
-ALPHA = 16.0
 SEED = 1234
-RANKS = [2, 4, 8, 16]
-WEIGHTS = [10.0, 40.0, 30.0, 20.0]
-MODULES = {"layers.0.q_proj": (64, 48), "layers.0.v_proj": (32, 48)}  # name -> (out_features, in_features)
 
 
 def ffa_adapter(rank: int, seed: int) -> Adapter:

@@ -8,36 +8,15 @@ import torch
 from pollen.adapter import Adapter, LoraFactors
 from strategies.math.flexlora import flexlora_aggregate, lowrank_svd
 from strategies.math.projection import adapter_from_svd
-
-ALPHA = 16.0
-RANKS = [2, 4, 8, 16]
-WEIGHTS = [10.0, 40.0, 30.0, 20.0]
-MODULES = {"layers.0.q_proj": (64, 48), "layers.0.v_proj": (32, 48)}  # name -> (out_features, in_features)
-
-
-def random_adapter(rank: int, seed: int) -> Adapter:
-    generator = torch.Generator().manual_seed(seed)
-    adapter: Adapter = {}
-    for name, (out_features, in_features) in MODULES.items():
-        a = torch.randn((rank, in_features), generator=generator)  # (rank, in)
-        b = torch.randn((out_features, rank), generator=generator)  # (out, rank)
-        adapter[name] = LoraFactors(a=a, b=b, scale=ALPHA / rank)
-    return adapter
-
-
-def dense_weighted_sum(updates: list[Adapter], weights: list[float], name: str) -> torch.Tensor:
-    """Reference ``W = sum_k p_k s_k B_k A_k`` in float64, formed directly."""
-    total = sum(weights)
-    return torch.stack(
-        [
-            (w / total) * u[name].scale * (u[name].b.double() @ u[name].a.double())
-            for w, u in zip(weights, updates, strict=True)
-        ]
-    ).sum(dim=0)
-
-
-def relative_error(value: torch.Tensor, reference: torch.Tensor) -> float:
-    return float(torch.linalg.norm(value.double() - reference) / torch.linalg.norm(reference))
+from tests.unit.factors import (
+    ALPHA,
+    MODULES,
+    RANKS,
+    WEIGHTS,
+    dense_weighted_sum,
+    random_adapter,
+    relative_error,
+)
 
 
 @pytest.fixture(scope="module")

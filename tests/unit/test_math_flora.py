@@ -7,38 +7,16 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pollen.adapter import Adapter, LoraFactors
 from strategies.math.flora import fold_into_dense, reproject, stack_factors
-
-ALPHA = 16.0
-RANKS = [2, 4, 8, 16]
-WEIGHTS = [10.0, 40.0, 30.0, 20.0]
-MODULES = {"layers.0.q_proj": (64, 48), "layers.0.v_proj": (32, 48)}  # name -> (out_features, in_features)
-
-
-def random_adapter(rank: int, seed: int, modules: dict[str, tuple[int, int]] = MODULES) -> Adapter:
-    generator = torch.Generator().manual_seed(seed)
-    adapter: Adapter = {}
-    for name, (out_features, in_features) in modules.items():
-        a = torch.randn((rank, in_features), generator=generator)  # (rank, in)
-        b = torch.randn((out_features, rank), generator=generator)  # (out, rank)
-        adapter[name] = LoraFactors(a=a, b=b, scale=ALPHA / rank)
-    return adapter
-
-
-def dense_weighted_sum(updates: list[Adapter], weights: list[float], name: str) -> torch.Tensor:
-    """Reference ``sum_k p_k s_k B_k A_k`` in float64, formed directly."""
-    total = sum(weights)
-    return torch.stack(
-        [
-            (w / total) * u[name].scale * (u[name].b.double() @ u[name].a.double())
-            for w, u in zip(weights, updates, strict=True)
-        ]
-    ).sum(dim=0)
-
-
-def relative_error(value: torch.Tensor, reference: torch.Tensor) -> float:
-    return float(torch.linalg.norm(value.double() - reference) / torch.linalg.norm(reference))
+from tests.unit.factors import (
+    ALPHA,
+    MODULES,
+    RANKS,
+    WEIGHTS,
+    dense_weighted_sum,
+    random_adapter,
+    relative_error,
+)
 
 
 def test_stacked_product_equals_weighted_sum_of_products() -> None:

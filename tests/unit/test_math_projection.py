@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pollen.adapter import LoraFactors
 from strategies.math.projection import (
     SVDFactors,
     factors_from_svd,
@@ -13,24 +12,9 @@ from strategies.math.projection import (
     project_to_rank,
     svd_of_product,
 )
+from tests.unit.factors import ALPHA, dense, random_pair, relative_error
 
-ALPHA = 16.0
 NAME = "layers.3.self_attn.q_proj"
-
-
-def random_pair(rank: int, seed: int, out_features: int = 64, in_features: int = 48) -> LoraFactors:
-    generator = torch.Generator().manual_seed(seed)
-    a = torch.randn((rank, in_features), generator=generator)  # (rank, in)
-    b = torch.randn((out_features, rank), generator=generator)  # (out, rank)
-    return LoraFactors(a=a, b=b, scale=ALPHA / rank)
-
-
-def dense(pair: LoraFactors) -> torch.Tensor:
-    return pair.scale * (pair.b.double() @ pair.a.double())
-
-
-def relative_error(value: torch.Tensor, reference: torch.Tensor) -> float:
-    return float(torch.linalg.norm(value.double() - reference) / torch.linalg.norm(reference))
 
 
 def test_svd_of_product_matches_dense_svd() -> None:

@@ -6,33 +6,15 @@ import numpy as np
 import pytest
 import torch
 
-from pollen.adapter import Adapter, LoraFactors
+from pollen.adapter import LoraFactors
 from strategies.math.zeropad import product_norm, truncate, zeropad_aggregate
-
-ALPHA = 16.0
-RANKS = [2, 4, 8, 16]
-WEIGHTS = [10.0, 40.0, 30.0, 20.0]
-MODULES = {"layers.0.q_proj": (64, 48), "layers.0.v_proj": (32, 48)}  # name -> (out_features, in_features)
-
-
-def random_adapter(rank: int, seed: int) -> Adapter:
-    generator = torch.Generator().manual_seed(seed)
-    adapter: Adapter = {}
-    for name, (out_features, in_features) in MODULES.items():
-        a = torch.randn((rank, in_features), generator=generator)  # (rank, in)
-        b = torch.randn((out_features, rank), generator=generator)  # (out, rank)
-        adapter[name] = LoraFactors(a=a, b=b, scale=ALPHA / rank)
-    return adapter
+from tests.unit.factors import ALPHA, MODULES, RANKS, WEIGHTS, random_adapter, relative_error
 
 
 def padded(array: np.ndarray, rows: int, cols: int) -> np.ndarray:
     out = np.zeros((rows, cols), dtype=np.float64)
     out[: array.shape[0], : array.shape[1]] = array
     return out
-
-
-def relative_error(value: torch.Tensor, reference: torch.Tensor) -> float:
-    return float(torch.linalg.norm(value.double() - reference) / torch.linalg.norm(reference))
 
 
 def test_padded_average_matches_np_average_with_scales_folded_into_b() -> None:

@@ -119,6 +119,18 @@ def test_configure_train_samples_and_encodes_per_node() -> None:
             assert torch.equal(sent[module].a, pair.a)
 
 
+def test_same_seed_samples_the_same_partitions_whatever_the_node_ids() -> None:
+    """Node ids are random per run; the draw follows partition ids, so a seeded run is repeatable."""
+    sampled = []
+    for node_ids in ([11, 52, 7, 90, 33, 64], [5, 4, 3, 2, 1, 6]):
+        strategy = FedAvgLora(_settings())
+        strategy.node_keys = {node: partition for partition, node in enumerate(node_ids)}
+        config = ConfigRecord({P.LR: 0.1})
+        messages = strategy.configure_train(1, adapter_to_record(_global()), config, FakeGrid(node_ids))
+        sampled.append([strategy.node_keys[m.metadata.dst_node_id] for m in messages])
+    assert sampled[0] == sampled[1] and sampled[0] == sorted(sampled[0])
+
+
 def test_min_nodes_overrides_a_small_fraction() -> None:
     messages = _configure(FedAvgLora(_settings(fraction_train=0.1, min_nodes=4)))
     assert len(messages) == 4
