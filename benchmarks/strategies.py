@@ -201,8 +201,9 @@ def verdicts(rows: list[Row]) -> list[str]:
         met = gap <= MAX_EM_GAP + 1e-9
         lines.append(
             f"- Best mixed-rank strategy on the 4-bit wire: {best.name}, exact match {best.exact_match:.3f} "
-            f"against {reference.exact_match:.3f} for equal-rank fedavg at fp32 ({100 * gap:+.1f} points "
-            f"behind; must be at most {100 * MAX_EM_GAP:.0f}): {'met' if met else 'NOT met'}."
+            f"against {reference.exact_match:.3f} for equal-rank fedavg at fp32 "
+            f"({abs(100 * gap):.1f} points {'behind' if gap > 0 else 'ahead'}; may be at most "
+            f"{100 * MAX_EM_GAP:.0f} behind): {'met' if met else 'NOT met'}."
         )
     if local and federated:
         losers = [

@@ -77,6 +77,35 @@ def run(setting: Setting, rounds: int) -> Outcome:
     return Outcome(setting, total, last["eval_loss"], last["exact_match"], result.seconds)
 
 
+MAX_BYTES_RATIO = 0.14  # 4-bit both ways with error feedback, against the fp32 run
+MAX_LOSS_CHANGE = {4: 0.02, 8: 0.005}  # final eval loss against the fp32 run, by bit width
+
+
+def checks(outcomes: list[Outcome]) -> list[str]:
+    """The issue's acceptance lines, judged on the settings that ran."""
+    by_name = {o.setting.name: o for o in outcomes}
+    reference = by_name.get("fp32")
+    if reference is None:
+        return []
+    lines = []
+    for name, bits in (("int4-ef", 4), ("int8-ef", 8)):
+        outcome = by_name.get(name)
+        if outcome is None:
+            continue
+        change = outcome.eval_loss / reference.eval_loss - 1
+        loss_ok = abs(change) <= MAX_LOSS_CHANGE[bits]
+        line = (
+            f"- {name}: final eval loss {100 * change:+.2f}% against fp32 (within "
+            f"{100 * MAX_LOSS_CHANGE[bits]:.1f}%: {'met' if loss_ok else 'NOT met'})"
+        )
+        if bits == 4:
+            ratio = outcome.total_bytes / reference.total_bytes
+            verdict = "met" if ratio <= MAX_BYTES_RATIO else "NOT met"
+            line += f"; total bytes {ratio:.3f}x fp32 (at most {MAX_BYTES_RATIO}x: {verdict})"
+        lines.append(line + ".")
+    return lines
+
+
 def render(command: str, load: float | None, outcomes: list[Outcome], rounds: int) -> str:
     by_name = {o.setting.name: o for o in outcomes}
     reference = by_name.get("fp32")
@@ -104,6 +133,9 @@ def render(command: str, load: float | None, outcomes: list[Outcome], rounds: in
             f"| {o.exact_match:.3f} "
             f"| {o.seconds:.0f} |"
         )
+    verdicts = checks(outcomes)
+    if verdicts:
+        lines += ["", "Checks:", *verdicts]
     return "\n".join(lines)
 
 

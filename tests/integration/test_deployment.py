@@ -107,6 +107,7 @@ class Federation:
             FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
             PATH=str(BIN) + os.pathsep + self.env.get("PATH", ""),
             PYTHONUNBUFFERED="1",
+            OMP_NUM_THREADS="1",  # two nodes and the ServerApp share the cores (docs/DEPLOYMENT.md 2.4)
         )
         self.procs: dict[str, subprocess.Popen[Any]] = {}
         self._handles: list[IO[Any]] = []
