@@ -17,7 +17,6 @@ import json
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -26,8 +25,14 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.report import load_average, machine_line, nodes_per_round, write_section  # noqa: E402
-from scripts.flower_run import flwr_run, read_metrics, shipped_run_config  # noqa: E402
+from benchmarks.report import (  # noqa: E402
+    load_average,
+    machine_line,
+    nodes_per_round,
+    run_federation,
+    write_section,
+)
+from scripts.flower_run import shipped_run_config  # noqa: E402
 
 NUM_NODES = 10
 
@@ -95,16 +100,6 @@ def run_plain(nodes: int) -> dict[str, float]:
         cwd=ROOT,
     )
     return json.loads(done.stdout.strip().splitlines()[-1])
-
-
-def run_federation(rounds: int) -> tuple[list[dict[str, Any]], float]:
-    with tempfile.TemporaryDirectory(prefix="pollen-bench-") as tmp:
-        overrides = {"num-server-rounds": rounds, "output.dir": tmp, "output.run-name": "bench"}
-        result = flwr_run(Path(tmp) / "flwr-home", overrides, num_supernodes=NUM_NODES, timeout=3600)
-        run_dir = Path(tmp) / "bench"
-        if not (run_dir / "metrics.jsonl").is_file():
-            raise RuntimeError("the federation did not finish:\n" + result.output[-3000:])
-        return read_metrics(run_dir), result.seconds
 
 
 def render(
@@ -175,7 +170,7 @@ def main() -> int:
     print(f"plain process: {sampled} nodes x {cfg['train.local-steps']} steps", flush=True)
     plain = run_plain(sampled)
     print(f"federation: {args.rounds} rounds on {NUM_NODES} nodes", flush=True)
-    rows, wall = run_federation(args.rounds)
+    rows, wall = run_federation("bench", {}, args.rounds, NUM_NODES)
     command = "python benchmarks/federation.py" + ("" if args.rounds == 6 else f" --rounds {args.rounds}")
     section = render(command, load, sizes, plain, rows, wall)
     print(section)

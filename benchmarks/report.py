@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 import platform
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -72,3 +73,18 @@ def nodes_per_round(run_config: dict[str, Any], num_nodes: int) -> int:
         int(run_config["strategy.min-nodes"]), math.ceil(run_config["strategy.fraction-train"] * num_nodes)
     )
     return min(num_nodes, wanted)
+
+
+def run_federation(
+    name: str, overrides: dict[str, Any], rounds: int, num_nodes: int
+) -> tuple[list[dict[str, Any]], float]:
+    """`flwr run .` with the shipped config plus ``overrides`` in a scratch folder: (metrics rows, wall s)."""
+    from scripts.flower_run import flwr_run, read_metrics
+
+    with tempfile.TemporaryDirectory(prefix=f"pollen-{name}-") as tmp:
+        config = {**overrides, "num-server-rounds": rounds, "output.dir": tmp, "output.run-name": name}
+        result = flwr_run(Path(tmp) / "flwr-home", config, num_supernodes=num_nodes, timeout=3600)
+        run_dir = Path(tmp) / name
+        if not (run_dir / "metrics.jsonl").is_file():
+            raise RuntimeError(f"{name} did not finish:\n" + result.output[-3000:])
+        return read_metrics(run_dir), result.seconds

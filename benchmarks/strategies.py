@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,8 +27,14 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.report import load_average, machine_line, nodes_per_round, write_section  # noqa: E402
-from scripts.flower_run import flwr_run, read_metrics, shipped_run_config  # noqa: E402
+from benchmarks.report import (  # noqa: E402
+    load_average,
+    machine_line,
+    nodes_per_round,
+    run_federation,
+    write_section,
+)
+from scripts.flower_run import shipped_run_config  # noqa: E402
 
 NUM_NODES = 10
 MIXED_RANKS = "2,4,8,16"
@@ -167,25 +172,11 @@ def run_local_only(trainer: Trainer, steps: int) -> Row:
 
 
 def run_federated(setting: FederatedSetting, rounds: int) -> Row:
-    with tempfile.TemporaryDirectory(prefix="pollen-strategies-") as tmp:
-        overrides = {"num-server-rounds": rounds, "output.dir": tmp, "output.run-name": setting.name}
-        overrides.update(setting.overrides())
-        result = flwr_run(Path(tmp) / "flwr-home", overrides, num_supernodes=NUM_NODES, timeout=3600)
-        run_dir = Path(tmp) / setting.name
-        if not (run_dir / "metrics.jsonl").is_file():
-            raise RuntimeError(f"{setting.name} did not finish:\n" + result.output[-3000:])
-        rows = read_metrics(run_dir)
+    rows, seconds = run_federation(setting.name, setting.overrides(), rounds, NUM_NODES)
     total = sum(r["uplink_bytes"] + r["downlink_bytes"] for r in rows)
+    last = rows[-1]
     ranks = setting.ranks or str(BASELINE_RANK)
-    return Row(
-        setting.name,
-        ranks,
-        setting.wire_bits,
-        rows[-1]["eval_loss"],
-        rows[-1]["exact_match"],
-        total,
-        result.seconds,
-    )
+    return Row(setting.name, ranks, setting.wire_bits, last["eval_loss"], last["exact_match"], total, seconds)
 
 
 def verdicts(rows: list[Row]) -> list[str]:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,8 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.report import load_average, machine_line, write_section  # noqa: E402
-from scripts.flower_run import flwr_run, read_metrics  # noqa: E402
+from benchmarks.report import load_average, machine_line, run_federation, write_section  # noqa: E402
 
 NUM_NODES = 10
 
@@ -64,17 +62,9 @@ class Outcome:
 
 
 def run(setting: Setting, rounds: int) -> Outcome:
-    with tempfile.TemporaryDirectory(prefix="pollen-wire-") as tmp:
-        overrides = {"num-server-rounds": rounds, "output.dir": tmp, "output.run-name": setting.name}
-        overrides.update(setting.overrides())
-        result = flwr_run(Path(tmp) / "flwr-home", overrides, num_supernodes=NUM_NODES, timeout=3600)
-        run_dir = Path(tmp) / setting.name
-        if not (run_dir / "metrics.jsonl").is_file():
-            raise RuntimeError(f"{setting.name} did not finish:\n" + result.output[-3000:])
-        rows = read_metrics(run_dir)
+    rows, seconds = run_federation(setting.name, setting.overrides(), rounds, NUM_NODES)
     total = sum(r["uplink_bytes"] + r["downlink_bytes"] for r in rows)
-    last = rows[-1]
-    return Outcome(setting, total, last["eval_loss"], last["exact_match"], result.seconds)
+    return Outcome(setting, total, rows[-1]["eval_loss"], rows[-1]["exact_match"], seconds)
 
 
 MAX_BYTES_RATIO = 0.14  # 4-bit both ways with error feedback, against the fp32 run
