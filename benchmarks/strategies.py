@@ -115,6 +115,7 @@ class Trainer:
         self.host.write(self.initial)
         examples = tokenize_all(self.tokenizer, train_set, self.cfg.train.max_seq_len)
         generator = torch.Generator().manual_seed(seed)
+        torch.manual_seed(seed)  # LoRA dropout, as in the ClientApp
         batches = sample_batches(examples, self.cfg.train.batch_size, self.tokenizer.pad_token_id, generator)
         train_steps(
             self.host.model,
