@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import os
 import platform
 import tempfile
@@ -69,10 +68,10 @@ def write_section(name: str, section: str, path: Path = DOCS) -> None:
 
 def nodes_per_round(run_config: dict[str, Any], num_nodes: int) -> int:
     """How many nodes a training round samples: the strategies' rule (fraction, at least min-nodes)."""
-    wanted = max(
-        int(run_config["strategy.min-nodes"]), math.ceil(run_config["strategy.fraction-train"] * num_nodes)
-    )
-    return min(num_nodes, wanted)
+    from strategies.base import sample_size
+
+    fraction, minimum = float(run_config["strategy.fraction-train"]), int(run_config["strategy.min-nodes"])
+    return sample_size(num_nodes, fraction, minimum)
 
 
 def run_federation(

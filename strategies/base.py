@@ -87,6 +87,11 @@ def adapter_from_record(record: ArrayRecord) -> Adapter:
     }
 
 
+def sample_size(available: int, fraction: float, min_nodes: int) -> int:
+    """How many of ``available`` nodes a round samples: the fraction rounded up, at least min_nodes."""
+    return min(available, max(min_nodes, math.ceil(fraction * available)))
+
+
 class LoraStrategy(Strategy):
     """Base class of Pollen strategies (Flower message-API strategy, hooks only).
 
@@ -236,7 +241,7 @@ class LoraStrategy(Strategy):
                     f"strategy.min-nodes is {self.settings.min_nodes}"
                 )
             time.sleep(1.0)
-        size = min(len(nodes), max(self.settings.min_nodes, math.ceil(fraction * len(nodes))))
+        size = sample_size(len(nodes), fraction, self.settings.min_nodes)
         rng = random.Random(self.settings.seed * 1_000_003 + server_round * 2 + salt)
         return sorted(rng.sample(nodes, size), key=self._order)
 

@@ -20,14 +20,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from scripts.flower_run import shipped_run_config  # noqa: E402
 
 
-def default_run_config() -> dict[str, Any]:
-    """The run config `flwr run .` starts from."""
-    return shipped_run_config()
-
-
 @pytest.fixture
 def run_config() -> dict[str, Any]:
-    return default_run_config()
+    """The run config `flwr run .` starts from."""
+    return shipped_run_config()
 
 
 def save_tiny_llama(folder: Path, seed: int = 0) -> Path:
