@@ -209,7 +209,15 @@ def verdicts(rows: list[Row]) -> list[str]:
     return lines
 
 
-def render(command: str, load: float | None, rows: list[Row], rounds: int, steps: dict[str, int]) -> str:
+def render(
+    command: str,
+    load: float | None,
+    rows: list[Row],
+    rounds: int,
+    steps: dict[str, int],
+    notes: tuple[str, ...] = (),
+) -> str:
+    """The section: command, machine, what the rows mean, the table, spreads, ``notes`` and the checks."""
     lines = [
         "## Strategies: learning quality with mixed ranks",
         "",
@@ -235,6 +243,8 @@ def render(command: str, load: float | None, rows: list[Row], rounds: int, steps
     spreads = [f"{r.name}: {r.spread}" for r in rows if r.spread]
     if spreads:
         lines += ["", "Spread over nodes: " + "; ".join(spreads) + "."]
+    if notes:
+        lines += ["", *notes]
     checks = verdicts(rows)
     if checks:
         lines += ["", "Checks:", *checks]
@@ -259,28 +269,36 @@ def main() -> int:
         "local-only": args.rounds * int(cfg["train.local-steps"]),
     }
     load = load_average()
+    command = "python benchmarks/strategies.py" + ("" if args.rounds == 10 else f" --rounds {args.rounds}")
+    if args.only:
+        command += " --only " + " ".join(args.only)
+    ffa_note = (
+        f"`ffa` nodes train B at `train.lr` {cfg['train.lr']} x `strategy.ffa-lr-multiplier` "
+        f"{cfg['strategy.ffa-lr-multiplier']} (docs/STRATEGIES.md); every other row trains at `train.lr`."
+    )
     rows: list[Row] = []
+    total = len(chosen)
+
+    def record(row: Row) -> None:
+        """Print the row and rewrite the section, so an interrupted run still leaves what it measured."""
+        rows.append(row)
+        print(f"  {row}", flush=True)
+        progress = () if len(rows) == total else (f"Partial: {len(rows)} of {total} rows have run.",)
+        write_section("strategies", render(command, load, rows, args.rounds, steps, (ffa_note, *progress)))
+
     if chosen & set(BASELINES):
         trainer = Trainer()
         if "centralized" in chosen:
             print(f"running centralized ({steps['centralized']} steps)", flush=True)
-            rows.append(run_centralized(trainer, steps["centralized"]))
-            print(f"  {rows[-1]}", flush=True)
+            record(run_centralized(trainer, steps["centralized"]))
         if "local-only" in chosen:
             print(f"running local-only ({NUM_NODES} nodes x {steps['local-only']} steps)", flush=True)
-            rows.append(run_local_only(trainer, steps["local-only"]))
-            print(f"  {rows[-1]}", flush=True)
+            record(run_local_only(trainer, steps["local-only"]))
     for setting in FEDERATED:
         if setting.name in chosen:
             print(f"running {setting.name} ({args.rounds} rounds)", flush=True)
-            rows.append(run_federated(setting, args.rounds))
-            print(f"  {rows[-1]}", flush=True)
-    command = "python benchmarks/strategies.py" + ("" if args.rounds == 10 else f" --rounds {args.rounds}")
-    if args.only:
-        command += " --only " + " ".join(args.only)
-    section = render(command, load, rows, args.rounds, steps)
-    print(section)
-    write_section("strategies", section)
+            record(run_federated(setting, args.rounds))
+    print(render(command, load, rows, args.rounds, steps, (ffa_note,)))
     return 0
 
 

@@ -73,6 +73,7 @@ class StrategyConfig:
     round_timeout: float
     rank_plan: tuple[int, ...]  # ranks cycled over nodes by partition id; () = every node lora.rank
     norm_weighted: bool
+    ffa_lr_multiplier: float  # ffa only: nodes train B with train.lr times this
 
 
 @dataclass(frozen=True)
@@ -198,6 +199,7 @@ _RUN_KEYS: dict[str, _Key] = {
         "comma-separated ranks from 1 to 4096 such as '2,4,8,16', or empty",
     ),
     "strategy.norm-weighted": _Key(bool, accepted="true or false"),
+    "strategy.ffa-lr-multiplier": _Key(float, lambda v: 0 < v <= 1000, "a number above 0, up to 1000"),
     "wire.uplink-bits": _one_of(WIRE_BITS),
     "wire.downlink-bits": _one_of(WIRE_BITS),
     "wire.block-size": _Key(int, lambda v: 2 <= v <= 65536, "an integer from 2 to 65536"),
@@ -314,6 +316,7 @@ def parse_run_config(run_config: Mapping[str, Any]) -> RunConfig:
             round_timeout=v["strategy.round-timeout"],
             rank_plan=_rank_plan(v["strategy.rank-plan"]),
             norm_weighted=v["strategy.norm-weighted"],
+            ffa_lr_multiplier=v["strategy.ffa-lr-multiplier"],
         ),
         wire=WireConfig(
             uplink_bits=v["wire.uplink-bits"],

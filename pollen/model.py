@@ -72,9 +72,28 @@ def load_base_model(name_or_path: str, config: ModelConfig, device_override: str
     model: Any = AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
     if quant is None:
         model = model.to(device)
+    else:
+        keep_4bit_layers_trainable(model)
     model.requires_grad_(False)
     model.eval()
     return model
+
+
+def keep_4bit_layers_trainable(model: torch.nn.Module) -> int:
+    """Stop bitsandbytes repacking 4-bit weights for CPU inference; returns how many layers it touched.
+
+    On CPUs with AVX512-BF16, bitsandbytes (0.49, 0.50) repacks a 4-bit layer's weight in place the
+    first time it runs in eval mode without gradients, and from then on uses a kernel with no
+    backward: every LoRA factor upstream of such a layer silently stops learning after the first
+    evaluation. Pollen alternates evaluation and training on one loaded model, so it turns the
+    repacking off right after loading, before anything has run.
+    """
+    touched = 0
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            setattr(module, "support_avx512bf16_for_cpu", False)  # noqa: B010 (keeps mypy off Module.__setattr__)
+            touched += 1
+    return touched
 
 
 def model_fingerprint(model: torch.nn.Module, target_modules: tuple[str, ...]) -> str:

@@ -182,6 +182,7 @@ def strategy_settings(cfg: RunConfig, fingerprint: str) -> StrategySettings:
         seed=cfg.seed,
         wait_seconds=cfg.strategy.round_timeout,
         norm_weighted=cfg.strategy.norm_weighted,
+        ffa_lr_multiplier=cfg.strategy.ffa_lr_multiplier,
         downlink_feedback=cfg.wire.error_feedback,
     )
 

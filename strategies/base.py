@@ -41,6 +41,7 @@ class StrategySettings:
     wait_seconds: float = 600.0  # how long sampling waits for min_nodes to connect
     downlink_feedback: bool = True  # quantized downlink sends changes since the node's last adapter
     norm_weighted: bool = False  # zeropad: weight each update also by its norm (HetLoRA)
+    ffa_lr_multiplier: float = 1.0  # ffa: factor on the learning rate nodes train B with
 
 
 @dataclass(frozen=True)
@@ -135,6 +136,10 @@ class LoraStrategy(Strategy):
     def combine(self, global_adapter: Adapter, updates: Sequence[NodeUpdate]) -> Adapter:
         """The next global adapter from the current one and the accepted updates."""
         raise NotImplementedError
+
+    def train_lr(self, lr: float) -> float:
+        """The learning rate nodes train with, from ``train.lr`` (strategies that train less may raise it)."""
+        return lr
 
     # ---- Flower hooks -------------------------------------------------------------------------
     def summary(self) -> None:
@@ -290,6 +295,8 @@ class LoraStrategy(Strategy):
         node_config[P.LORA_ALPHA] = self.settings.alpha
         node_config[P.FINGERPRINT] = self.settings.fingerprint
         node_config[P.TRAIN_A] = self.trains_a
+        if kind == MessageType.TRAIN and P.LR in node_config:
+            node_config[P.LR] = self.train_lr(P.config_number(node_config, P.LR))
         content = RecordDict({P.ADAPTER: record, P.CONFIG: node_config})
         return Message(content=content, message_type=kind, dst_node_id=node_id), decoded
 

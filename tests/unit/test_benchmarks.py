@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import aggregation
+from benchmarks import aggregation, wire
 from benchmarks.report import nodes_per_round, write_section
 from benchmarks.strategies import Row, render, verdicts
 from scripts.flower_run import shipped_run_config
@@ -62,6 +62,30 @@ def test_render_tables_every_row() -> None:
     text = render("python benchmarks/strategies.py", None, rows, 10, {"centralized": 600, "local-only": 120})
     assert "| centralized | 2,4,8,16 | - | 0.5000 | 0.400 | - |" in text
     assert "| fedavg-fp32 | 2,4,8,16 | fp32 | 1.0000 | 0.200 | 0.00 |" in text
+
+
+def _outcome(name: str, losses: tuple[float, ...], total: int) -> wire.Outcome:
+    setting = {s.name: s for s in wire.SETTINGS}[name]
+    n = len(losses)
+    return wire.Outcome(setting, tuple(range(n)), (total,) * n, losses, (0.1,) * n, (1.0,) * n)
+
+
+def test_wire_checks_judge_means_over_seeds() -> None:
+    fp32 = _outcome("fp32", (1.00, 1.10, 0.90), 1000)
+    int8 = _outcome("int8-ef", (1.01, 1.09, 0.90), 500)  # -0.0% on the mean although seeds move by 1%
+    int4 = _outcome("int4-ef", (1.05, 1.15, 0.95), 150)  # +5% on the mean; 0.15x bytes
+    lines = wire.checks([fp32, int8, int4])
+    assert lines[0].startswith("- int4-ef: mean final eval loss +5.00%") and "NOT met" in lines[0]
+    assert "0.150x fp32" in lines[0] and "at most 0.14x: NOT met" in lines[0]
+    assert lines[1].startswith("- int8-ef: mean final eval loss +0.00%") and "NOT" not in lines[1]
+    assert "per seed +1.00%, -0.91%, +0.00%" in lines[1]
+
+
+def test_wire_render_shows_means_the_noise_floor_and_progress() -> None:
+    fp32 = _outcome("fp32", (1.00, 1.10, 0.90), 2_000_000)
+    text = wire.render("python benchmarks/wire.py", None, [fp32], 10, ("Partial: 1 of 7 settings have run.",))
+    assert "| fp32 | 32 | 32 | absmax | yes | 2.00 | 1.000 | 1.0000 (0.1000) | +0.00% | 0.100 | 1 |" in text
+    assert "moves by 10.0%" in text and "Partial: 1 of 7" in text and "Checks:" not in text
 
 
 def test_quick_aggregation_matches_dense_route(capsys: pytest.CaptureFixture[str]) -> None:

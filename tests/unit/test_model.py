@@ -90,6 +90,24 @@ def test_training_on_the_adapter_changes_only_lora(tiny_model_dir: Path) -> None
     assert any(not torch.equal(after[m].b, before[m].b) for m in before)
 
 
+def test_adapter_still_learns_after_a_no_grad_evaluation(tiny_model_dir: Path) -> None:
+    """Evaluation must not switch the 4-bit layers to a kernel without backward (bitsandbytes' CPU repack)."""
+    model = _model(tiny_model_dir)
+    assert all(
+        not m.support_avx512bf16_for_cpu for m in model.modules() if hasattr(m, "support_avx512bf16_for_cpu")
+    )
+    host = LoraHost(model, LORA, seed=0)
+    host.activate(4)
+    ids = torch.randint(4, 100, (2, 12))
+    host.model.eval()
+    with torch.no_grad():
+        host.model(input_ids=ids)
+    host.model.train()
+    host.model(input_ids=ids, labels=ids).loss.backward()
+    grads = [p.grad for p in host.trainable_parameters()]
+    assert all(g is not None for g in grads) and any(float(g.abs().sum()) > 0 for g in grads if g is not None)
+
+
 def test_missing_model_gives_one_line(tmp_path: Path) -> None:
     with pytest.raises(ModelNotFoundError, match="is not a model folder") as info:
         check_model_available(str(tmp_path / "nowhere"))

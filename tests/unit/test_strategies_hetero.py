@@ -29,7 +29,7 @@ class FakeGrid:
         return list(RANKS)
 
 
-def _strategy(name: str) -> LoraStrategy:
+def _strategy(name: str, ffa_lr_multiplier: float = 1.0) -> LoraStrategy:
     settings = StrategySettings(
         fraction_train=1.0,
         fraction_evaluate=0.0,
@@ -40,6 +40,7 @@ def _strategy(name: str) -> LoraStrategy:
         downlink=WireSpec(bits=32),
         seed=3,
         wait_seconds=1.0,
+        ffa_lr_multiplier=ffa_lr_multiplier,
     )
     strategy = build_strategy(name, settings)
     strategy.node_ranks = dict(RANKS)
@@ -118,6 +119,19 @@ def test_ffa_never_changes_a_and_sends_b_only() -> None:
     for module, pair in start.items():
         assert torch.equal(new[module].a, pair.a)
         assert not torch.equal(new[module].b, pair.b)
+
+
+@pytest.mark.parametrize(("name", "expected"), [("ffa", 0.015), ("fedavg", 0.003), ("flexlora", 0.003)])
+def test_only_ffa_scales_the_training_learning_rate(name: str, expected: float) -> None:
+    strategy = _strategy(name, ffa_lr_multiplier=5.0)
+    if name == "fedavg":
+        strategy.node_ranks = dict.fromkeys(RANKS, 4)  # fedavg needs one rank
+    rank = strategy.global_rank(sorted(set(strategy.node_ranks.values())))
+    start = adapter_to_record(strategy.initial_global(_fresh(rank)))
+    config = ConfigRecord({P.LR: 0.003})
+    messages = list(strategy.configure_train(1, start, config, FakeGrid()))
+    assert messages and all(m.content[P.CONFIG][P.LR] == pytest.approx(expected) for m in messages)
+    assert config[P.LR] == 0.003  # the caller's record is untouched
 
 
 def test_flexlora_global_is_the_truncated_svd_of_the_weighted_products() -> None:
