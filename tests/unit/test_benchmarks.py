@@ -84,8 +84,20 @@ def test_wire_checks_judge_means_over_seeds() -> None:
 def test_wire_render_shows_means_the_noise_floor_and_progress() -> None:
     fp32 = _outcome("fp32", (1.00, 1.10, 0.90), 2_000_000)
     text = wire.render("python benchmarks/wire.py", None, [fp32], 10, ("Partial: 1 of 7 settings have run.",))
-    assert "| fp32 | 32 | 32 | absmax | yes | 2.00 | 1.000 | 1.0000 (0.1000) | +0.00% | 0.100 | 1 |" in text
+    assert (
+        "| fp32 | 32 | 32 | absmax | yes | 0,1,2 | 2.00 | 1.000 | 1.0000 (0.1000) | +0.00% | 0.100 | 1 |"
+        in text
+    )
     assert "moves by 10.0%" in text and "Partial: 1 of 7" in text and "Checks:" not in text
+
+
+def test_wire_compares_a_single_seed_setting_with_fp32_on_that_seed() -> None:
+    fp32 = _outcome("fp32", (1.00, 1.10, 0.90), 1000)
+    fp16 = _outcome("fp16", (1.01,), 500)  # seed 0 only
+    assert wire.loss_change(fp16, fp32) == pytest.approx(0.01)
+    text = wire.render("python benchmarks/wire.py", None, [fp32, fp16], 10)
+    assert "| fp16 | 16 | 16 | absmax | yes | 0 | " in text and "+1.00% |" in text
+    assert "the others on the first only" in text
 
 
 def test_quick_aggregation_matches_dense_route(capsys: pytest.CaptureFixture[str]) -> None:
