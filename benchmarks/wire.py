@@ -176,7 +176,7 @@ def render(
         lines.append(
             f"| {s.name} | {s.uplink} | {s.downlink} | {s.scheme} | {'yes' if s.error_feedback else 'no'} "
             f"| {','.join(map(str, o.seeds))} | {o.mean_bytes / 1e6:.2f} | {ratio} "
-            f"| {o.mean_loss:.4f} ({o.loss_sd:.4f}) | {change} "
+            f"| {o.mean_loss:.4f} ({f'{o.loss_sd:.4f}' if len(o.seeds) > 1 else '-'}) | {change} "
             f"| {statistics.fmean(o.exact_match):.3f} | {statistics.fmean(o.seconds):.0f} |"
         )
     if reference is not None and len(reference.seeds) > 1:
