@@ -100,21 +100,25 @@ MAX_BYTES_RATIO = 0.14  # 4-bit both ways with error feedback, against the fp32 
 MAX_LOSS_CHANGE = {4: 0.02, 8: 0.005}  # final eval loss against the fp32 run, by bit width
 
 
+def _paired_losses(outcome: Outcome, reference: Outcome) -> list[tuple[float, float]]:
+    """(outcome's, reference's) final eval loss for each seed both ran, in the outcome's seed order."""
+    theirs = dict(zip(reference.seeds, reference.eval_loss, strict=True))
+    return [
+        (loss, theirs[seed])
+        for seed, loss in zip(outcome.seeds, outcome.eval_loss, strict=True)
+        if seed in theirs
+    ]
+
+
 def loss_change(outcome: Outcome, reference: Outcome) -> float:
     """Relative change of the mean final eval loss against the reference's mean on the same seeds."""
-    theirs = dict(zip(reference.seeds, reference.eval_loss, strict=True))
-    shared = [theirs[seed] for seed in outcome.seeds if seed in theirs]
+    shared = [ref for _, ref in _paired_losses(outcome, reference)]
     return outcome.mean_loss / (statistics.fmean(shared) if shared else reference.mean_loss) - 1
 
 
 def paired_changes(outcome: Outcome, reference: Outcome) -> list[float]:
     """Per-seed relative changes of the final eval loss, for the seeds both outcomes ran."""
-    theirs = dict(zip(reference.seeds, reference.eval_loss, strict=True))
-    return [
-        loss / theirs[seed] - 1
-        for seed, loss in zip(outcome.seeds, outcome.eval_loss, strict=True)
-        if seed in theirs
-    ]
+    return [loss / ref - 1 for loss, ref in _paired_losses(outcome, reference)]
 
 
 def checks(outcomes: list[Outcome]) -> list[str]:

@@ -79,8 +79,8 @@ def load_base_model(name_or_path: str, config: ModelConfig, device_override: str
     return model
 
 
-def keep_4bit_layers_trainable(model: torch.nn.Module) -> int:
-    """Stop bitsandbytes repacking 4-bit weights for CPU inference; returns how many layers it touched.
+def keep_4bit_layers_trainable(model: torch.nn.Module) -> None:
+    """Stop bitsandbytes repacking 4-bit weights for CPU inference.
 
     On CPUs with AVX512-BF16, bitsandbytes (0.49, 0.50) repacks a 4-bit layer's weight in place the
     first time it runs in eval mode without gradients, and from then on uses a kernel with no
@@ -88,12 +88,9 @@ def keep_4bit_layers_trainable(model: torch.nn.Module) -> int:
     evaluation. Pollen alternates evaluation and training on one loaded model, so it turns the
     repacking off right after loading, before anything has run.
     """
-    touched = 0
     for module in model.modules():
         if hasattr(module, "support_avx512bf16_for_cpu"):
             setattr(module, "support_avx512bf16_for_cpu", False)  # noqa: B010 (keeps mypy off Module.__setattr__)
-            touched += 1
-    return touched
 
 
 def model_fingerprint(model: torch.nn.Module, target_modules: tuple[str, ...]) -> str:

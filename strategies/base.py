@@ -162,6 +162,8 @@ class LoraStrategy(Strategy):
         self._global = adapter_from_record(arrays)
         self._sent = {}
         self._pending_views = {}
+        if P.LR in config:  # one learning rate per round; never mutate the caller's record
+            config = ConfigRecord({**config, P.LR: self.train_lr(P.config_number(config, P.LR))})
         messages = []
         for node_id in self._sample(grid, self.settings.fraction_train, server_round, salt=0):
             message, sent = self._message(node_id, config, server_round, MessageType.TRAIN)
@@ -295,8 +297,6 @@ class LoraStrategy(Strategy):
         node_config[P.LORA_ALPHA] = self.settings.alpha
         node_config[P.FINGERPRINT] = self.settings.fingerprint
         node_config[P.TRAIN_A] = self.trains_a
-        if kind == MessageType.TRAIN and P.LR in node_config:
-            node_config[P.LR] = self.train_lr(P.config_number(node_config, P.LR))
         content = RecordDict({P.ADAPTER: record, P.CONFIG: node_config})
         return Message(content=content, message_type=kind, dst_node_id=node_id), decoded
 

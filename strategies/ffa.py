@@ -2,9 +2,9 @@
 
 With one A shared by all nodes, averaging B is exact (sum_k p_k s_k B_k A = (sum_k p_k s_k B_k) A),
 and the uplink carries B alone: half the factors. Ranks nest: a rank-r node uses the first r rows of
-the max-rank A. Error feedback is meaningful for B, which persists across rounds. With A frozen at a
-small random init, a step on B moves the product less than full LoRA's step does, so nodes train with
-``train.lr`` times ``strategy.ffa-lr-multiplier`` (its effect is measured in docs/BENCHMARKS.md).
+the max-rank A. Error feedback is meaningful for B, which persists across rounds. With A frozen, the
+update can only grow along A's fixed random rows and learns slowly at ``train.lr``, so nodes train
+with ``train.lr`` times ``strategy.ffa-lr-multiplier`` (its effect is measured in docs/BENCHMARKS.md).
 """
 
 from __future__ import annotations
