@@ -12,6 +12,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from pollen.schedule import SCHEDULES
+
 QUANTIZATIONS = ("4bit", "8bit", "none")
 COMPUTE_DTYPES = ("auto", "float32", "bfloat16", "float16")
 PARTITIONERS = ("dirichlet", "iid")
@@ -50,6 +52,8 @@ class TrainConfig:
     lr: float
     batch_size: int
     max_seq_len: int
+    lr_schedule: str = "constant"  # "constant" or "cosine" over the rounds (pollen/schedule.py)
+    lr_min: float = 0.0  # the cosine schedule's rate at the last round
 
 
 @dataclass(frozen=True)
@@ -73,7 +77,7 @@ class StrategyConfig:
     round_timeout: float
     rank_plan: tuple[int, ...]  # ranks cycled over nodes by partition id; () = every node lora.rank
     norm_weighted: bool
-    ffa_lr_multiplier: float  # ffa only: nodes train B with train.lr times this
+    ffa_lr_multiplier: float  # ffa only: nodes train B with train.lr times this (scaled by rank)
 
 
 @dataclass(frozen=True)
@@ -176,6 +180,8 @@ _RUN_KEYS: dict[str, _Key] = {
     ),
     "train.local-steps": _POSITIVE_INT,
     "train.lr": _Key(float, lambda v: 0 < v < 1, "a number between 0 and 1"),
+    "train.lr-schedule": _one_of(SCHEDULES),
+    "train.lr-min": _Key(float, lambda v: 0 <= v < 1, "a number from 0 up to (not including) 1"),
     "train.batch-size": _POSITIVE_INT,
     "train.max-seq-len": _Key(int, lambda v: v >= 8, "an integer >= 8"),
     "task.name": _Key(
@@ -262,6 +268,11 @@ def parse_run_config(run_config: Mapping[str, Any]) -> RunConfig:
                 f"{values['lora.rank']}), but strategy.name='fedavg' needs one rank: use 'zeropad', "
                 "'flora', 'flexlora' or 'ffa', or a plan of lora.rank only"
             )
+        if values["train.lr-schedule"] == "cosine" and values["train.lr-min"] > values["train.lr"]:
+            problems.append(
+                f"train.lr-min={values['train.lr-min']} is above train.lr={values['train.lr']}: "
+                "the cosine schedule decays from train.lr down to train.lr-min, so use a smaller value"
+            )
         if values["output.resume"] and not values["output.run-name"]:
             problems.append("output.resume=true needs output.run-name: name the run folder to continue")
         if values["wire.scheme"] == "nf4" and 4 not in (
@@ -297,6 +308,8 @@ def parse_run_config(run_config: Mapping[str, Any]) -> RunConfig:
             lr=v["train.lr"],
             batch_size=v["train.batch-size"],
             max_seq_len=v["train.max-seq-len"],
+            lr_schedule=v["train.lr-schedule"],
+            lr_min=v["train.lr-min"],
         ),
         task=TaskConfig(
             name=v["task.name"],

@@ -183,6 +183,9 @@ def strategy_settings(cfg: RunConfig, fingerprint: str) -> StrategySettings:
         wait_seconds=cfg.strategy.round_timeout,
         norm_weighted=cfg.strategy.norm_weighted,
         ffa_lr_multiplier=cfg.strategy.ffa_lr_multiplier,
+        lr_schedule=cfg.train.lr_schedule,
+        lr_min=cfg.train.lr_min,
+        num_rounds=cfg.num_server_rounds,
         downlink_feedback=cfg.wire.error_feedback,
     )
 

@@ -71,6 +71,7 @@ def run_round(
         new_record = global_record
     row: dict[str, Any] = {
         "round": server_round,
+        "lr": strategy.scheduled_lr,
         "train_loss": _metric(train_metrics, P.TRAIN_LOSS),
         "train_seconds": _metric(train_metrics, P.TRAIN_SECONDS),
         "client_peak_rss_mb": _metric(train_metrics, P.PEAK_RSS_MB),
@@ -106,10 +107,12 @@ def progress_line(row: dict[str, Any], rounds: int) -> str:
     """The console line of a finished round."""
     train_loss = row.get("train_loss")
     up, down = row["uplink_bytes"], row["downlink_bytes"]
+    lr = row.get("lr")
     return (
         f"round {row['round']}/{rounds} | eval_loss {row['eval_loss']:.4f}"
         f" | exact_match {row['exact_match']:.3f}"
         f" | train_loss {'n/a' if train_loss is None else f'{train_loss:.4f}'}"
+        f" | lr {'n/a' if lr is None else f'{lr:.2e}'}"
         f" | nodes {row['nodes_accepted']}/{row['nodes_sent']}"
         f" | up {up / 1e6:.3f} MB ({_ratio(up, row['uplink_bytes_fp32'])})"
         f" | down {down / 1e6:.3f} MB ({_ratio(down, row['downlink_bytes_fp32'])})"

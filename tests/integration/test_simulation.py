@@ -28,12 +28,14 @@ SMALL: dict[str, Any] = {
 
 
 def test_three_nodes_two_rounds_end_to_end(tmp_path: Path) -> None:
-    overrides = {**SMALL, "output.dir": str(tmp_path / "out"), "output.run-name": "it"}
+    schedule = {"train.lr": 0.003, "train.lr-schedule": "cosine", "train.lr-min": 0.0006}
+    overrides = {**SMALL, **schedule, "output.dir": str(tmp_path / "out"), "output.run-name": "it"}
     result = flwr_run(tmp_path / "flwr-home", overrides, num_supernodes=3)
     run_dir = tmp_path / "out" / "it"
     assert (run_dir / "metrics.jsonl").is_file(), result.output[-4000:]
     rows = read_metrics(run_dir)
     assert [r["round"] for r in rows] == [1, 2]
+    assert [r["lr"] for r in rows] == pytest.approx([0.003, 0.0006])  # cosine: train.lr down to lr-min
     for row in rows:
         assert row["nodes_sent"] == 3 and row["nodes_accepted"] == 3 and row["nodes_rejected"] == 0
         assert row["uplink_bytes"] > 0 and row["downlink_bytes"] > 0

@@ -45,6 +45,8 @@ def test_pyproject_keys_equal_known_keys(run_config: dict[str, Any]) -> None:
         ("task.partitioner", "zipf", "one of 'dirichlet', 'iid'"),
         ("model.device", "gpu0", "'cuda:N'"),
         ("lora.rank", True, "from 1 to 4096"),
+        ("train.lr-schedule", "linear", "one of 'constant', 'cosine'"),
+        ("train.lr-min", -0.1, "a number from 0 up to"),
     ],
 )
 def test_bad_value_is_named_with_what_is_accepted(
@@ -85,6 +87,14 @@ def test_nf4_needs_a_4bit_direction(run_config: dict[str, Any]) -> None:
     run_config.update({"wire.scheme": "nf4", "wire.uplink-bits": 8, "wire.downlink-bits": 32})
     with pytest.raises(ConfigError, match="nf4"):
         parse_run_config(run_config)
+
+
+def test_cosine_schedule_cannot_end_above_its_start(run_config: dict[str, Any]) -> None:
+    run_config.update({"train.lr-schedule": "cosine", "train.lr": 0.001, "train.lr-min": 0.01})
+    with pytest.raises(ConfigError) as info:
+        parse_run_config(run_config)
+    (line,) = info.value.problems
+    assert line.startswith("train.lr-min=0.01 is above train.lr=0.001")
 
 
 def test_node_config_defaults_and_overrides() -> None:

@@ -101,6 +101,7 @@ def test_progress_line_shows_the_figures() -> None:
         "eval_loss": 1.23456,
         "exact_match": 0.5,
         "train_loss": None,
+        "lr": 0.0015,
         "nodes_accepted": 3,
         "nodes_sent": 4,
         "uplink_bytes": 1_000_000,
@@ -110,5 +111,7 @@ def test_progress_line_shows_the_figures() -> None:
         "round_seconds": 12.34,
     }
     line = progress_line(row, 5)
-    assert line.startswith("round 2/5 | eval_loss 1.2346 | exact_match 0.500 | train_loss n/a | nodes 3/4")
+    assert line.startswith(
+        "round 2/5 | eval_loss 1.2346 | exact_match 0.500 | train_loss n/a | lr 1.50e-03 | nodes 3/4"
+    )
     assert "up 1.000 MB (0.14x fp32)" in line and "down 2.000 MB (1.00x fp32)" in line and "12.3 s" in line

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
+from typing import Any
+
 import pytest
 import torch
 from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
@@ -29,7 +33,7 @@ class FakeGrid:
         return list(RANKS)
 
 
-def _strategy(name: str, ffa_lr_multiplier: float = 1.0) -> LoraStrategy:
+def _strategy(name: str, ffa_lr_multiplier: float = 1.0, **schedule: Any) -> LoraStrategy:
     settings = StrategySettings(
         fraction_train=1.0,
         fraction_evaluate=0.0,
@@ -41,6 +45,7 @@ def _strategy(name: str, ffa_lr_multiplier: float = 1.0) -> LoraStrategy:
         seed=3,
         wait_seconds=1.0,
         ffa_lr_multiplier=ffa_lr_multiplier,
+        **schedule,
     )
     strategy = build_strategy(name, settings)
     strategy.node_ranks = dict(RANKS)
@@ -121,8 +126,15 @@ def test_ffa_never_changes_a_and_sends_b_only() -> None:
         assert not torch.equal(new[module].b, pair.b)
 
 
-@pytest.mark.parametrize(("name", "expected"), [("ffa", 0.015), ("fedavg", 0.003), ("flexlora", 0.003)])
-def test_only_ffa_scales_the_training_learning_rate(name: str, expected: float) -> None:
+@pytest.mark.parametrize(
+    ("name", "factor"),
+    [
+        ("ffa", lambda rank: 5.0 * math.sqrt(rank / 8)),  # multiplier x sqrt(rank / global rank 8)
+        ("fedavg", lambda rank: 1.0),
+        ("flexlora", lambda rank: 1.0),
+    ],
+)
+def test_only_ffa_scales_the_training_learning_rate(name: str, factor: Callable[[int], float]) -> None:
     strategy = _strategy(name, ffa_lr_multiplier=5.0)
     if name == "fedavg":
         strategy.node_ranks = dict.fromkeys(RANKS, 4)  # fedavg needs one rank
@@ -130,8 +142,11 @@ def test_only_ffa_scales_the_training_learning_rate(name: str, expected: float) 
     start = adapter_to_record(strategy.initial_global(_fresh(rank)))
     config = ConfigRecord({P.LR: 0.003})
     messages = list(strategy.configure_train(1, start, config, FakeGrid()))
-    assert messages and all(m.content[P.CONFIG][P.LR] == pytest.approx(expected) for m in messages)
-    assert config[P.LR] == 0.003  # the caller's record is untouched
+    assert len(messages) == len(RANKS)
+    for message in messages:
+        node_rank = strategy.node_ranks[message.metadata.dst_node_id]
+        assert message.content[P.CONFIG][P.LR] == pytest.approx(0.003 * factor(node_rank))
+    assert config[P.LR] == 0.003 and strategy.scheduled_lr == 0.003  # the caller's record is untouched
 
 
 def test_flexlora_global_is_the_truncated_svd_of_the_weighted_products() -> None:
@@ -188,3 +203,18 @@ def test_flora_stack_is_exact_before_reprojection() -> None:
         expected = expected + (update.weight / 10.0) * change
     error = torch.linalg.norm(stacked.product() - expected) / torch.linalg.norm(expected)
     assert error < 1e-5
+
+
+def test_a_cosine_schedule_decays_the_rate_nodes_receive_over_the_rounds() -> None:
+    strategy = _strategy("zeropad", lr_schedule="cosine", lr_min=0.0003, num_rounds=5)
+    rank = strategy.global_rank(sorted(set(strategy.node_ranks.values())))
+    start = adapter_to_record(strategy.initial_global(_fresh(rank)))
+    sent = []
+    for server_round in range(1, 6):
+        config = ConfigRecord({P.LR: 0.003})
+        messages = list(strategy.configure_train(server_round, start, config, FakeGrid()))
+        sent.append({m.content[P.CONFIG][P.LR] for m in messages})
+    assert all(len(rates) == 1 for rates in sent)  # one rate per round, the same for every node
+    rates = [rates.pop() for rates in sent]
+    assert rates[0] == pytest.approx(0.003) and rates[-1] == pytest.approx(0.0003)
+    assert all(later < earlier for earlier, later in zip(rates, rates[1:], strict=False))
