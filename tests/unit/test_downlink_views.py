@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from typing import cast
+
 import pytest
 import torch
 from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid
 
 from client_app.app import _receive
 from pollen import protocol as P
@@ -26,6 +29,11 @@ def _task_identity() -> None:
 class FakeGrid:
     def get_node_ids(self) -> list[int]:
         return [1, 2]
+
+
+def fake_grid() -> Grid:
+    """A FakeGrid typed as the Grid that strategies expect."""
+    return cast(Grid, FakeGrid())
 
 
 def _adapter(seed: int) -> Adapter:
@@ -55,7 +63,7 @@ def _context() -> Context:
 
 
 def _node_round(strategy: FedAvgLora, message: Message, context: Context) -> tuple[Adapter, Message]:
-    config = message.content[P.CONFIG]
+    config = message.content.config_records[P.CONFIG]
     received = _receive(message, context, config, RANK, ALPHA)
     delta = {"m": LoraFactors(torch.zeros(RANK, 64), torch.full((32, RANK), 0.01), ALPHA / RANK)}
     content = RecordDict(
@@ -75,10 +83,10 @@ def test_node_and_server_agree_on_every_round_and_changes_are_small() -> None:
     for server_round in (1, 2, 3):
         messages = list(
             strategy.configure_train(
-                server_round, adapter_to_record(global_adapter), ConfigRecord(), FakeGrid()
+                server_round, adapter_to_record(global_adapter), ConfigRecord(), fake_grid()
             )
         )
-        bases = [m.content[P.CONFIG][P.DOWNLINK_BASE] for m in messages]
+        bases = [m.content.config_records[P.CONFIG][P.DOWNLINK_BASE] for m in messages]
         assert bases == ([P.NO_VIEW] * 2 if server_round == 1 else [server_round - 1] * 2)
         replies = []
         for message in messages:
@@ -94,7 +102,7 @@ def test_node_and_server_agree_on_every_round_and_changes_are_small() -> None:
         step = {"m": LoraFactors(torch.zeros(RANK, 64), torch.full((32, RANK), 0.01), ALPHA / RANK)}
         global_adapter = add(global_adapter, step)
     # after round 1 only changes travel: the last change is small next to the adapter itself
-    change = decode(messages[0].content[P.ADAPTER])
+    change = decode(messages[0].content.array_records[P.ADAPTER])
     change_norm = sum(float(v.norm()) for v in change.values())
     adapter_norm = sum(float(v.norm()) for v in flatten(global_adapter).values())
     assert change_norm < 0.1 * adapter_norm
@@ -103,15 +111,15 @@ def test_node_and_server_agree_on_every_round_and_changes_are_small() -> None:
 def test_a_node_that_lost_its_view_is_refused_then_resent_whole() -> None:
     strategy = _strategy()
     contexts = {1: _context(), 2: _context()}
-    messages = list(strategy.configure_train(1, adapter_to_record(_adapter(0)), ConfigRecord(), FakeGrid()))
+    messages = list(strategy.configure_train(1, adapter_to_record(_adapter(0)), ConfigRecord(), fake_grid()))
     replies = [_node_round(strategy, m, contexts[m.metadata.dst_node_id])[1] for m in messages]
     strategy.aggregate_train(1, replies)
-    second = list(strategy.configure_train(2, adapter_to_record(_adapter(0)), ConfigRecord(), FakeGrid()))
+    second = list(strategy.configure_train(2, adapter_to_record(_adapter(0)), ConfigRecord(), fake_grid()))
     fresh = _context()  # node 1 restarted and lost its state
     with pytest.raises(ValueError, match="holds version None"):
-        _receive(second[0], fresh, second[0].content[P.CONFIG], RANK, ALPHA)
+        _receive(second[0], fresh, second[0].content.config_records[P.CONFIG], RANK, ALPHA)
     failed = Message(Error(code=0, reason="lost view"), reply_to=second[0])
     ok = _node_round(strategy, second[1], contexts[2])[1]
     strategy.aggregate_train(2, [failed, ok])
-    third = list(strategy.configure_train(3, adapter_to_record(_adapter(0)), ConfigRecord(), FakeGrid()))
-    assert third[0].content[P.CONFIG][P.DOWNLINK_BASE] == P.NO_VIEW
+    third = list(strategy.configure_train(3, adapter_to_record(_adapter(0)), ConfigRecord(), fake_grid()))
+    assert third[0].content.config_records[P.CONFIG][P.DOWNLINK_BASE] == P.NO_VIEW

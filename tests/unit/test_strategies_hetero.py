@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import torch
 from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid
 
 from pollen import protocol as P
 from pollen.adapter import Adapter, LoraFactors, flatten, unflatten
@@ -31,6 +32,11 @@ def _task_identity() -> None:
 class FakeGrid:
     def get_node_ids(self) -> list[int]:
         return list(RANKS)
+
+
+def fake_grid() -> Grid:
+    """A FakeGrid typed as the Grid that strategies expect."""
+    return cast(Grid, FakeGrid())
 
 
 def _strategy(name: str, ffa_lr_multiplier: float = 1.0, **schedule: Any) -> LoraStrategy:
@@ -62,8 +68,8 @@ def _fresh(rank: int) -> Adapter:
 
 def _train(message: Message, train_a: bool, seed: int) -> tuple[Message, Adapter]:
     """What a node does: decode, change its factors, reply with the delta (B only when A is frozen)."""
-    rank = int(message.content[P.CONFIG][P.RANK])
-    received = unflatten(decode(message.content[P.ADAPTER]), scale=ALPHA / rank)
+    rank = P.config_int(message.content.config_records[P.CONFIG], P.RANK)
+    received = unflatten(decode(message.content.array_records[P.ADAPTER]), scale=ALPHA / rank)
     g = torch.Generator().manual_seed(seed)
     delta = {
         m: LoraFactors(
@@ -91,7 +97,7 @@ def _round(name: str) -> tuple[LoraStrategy, Adapter, Adapter, list[Message], li
     strategy = _strategy(name)
     rank = strategy.global_rank(sorted(RANKS.values()))
     start = strategy.initial_global(_fresh(rank))
-    messages = list(strategy.configure_train(1, adapter_to_record(start), ConfigRecord(), FakeGrid()))
+    messages = list(strategy.configure_train(1, adapter_to_record(start), ConfigRecord(), fake_grid()))
     replies, trained = zip(*(_train(m, strategy.trains_a, i) for i, m in enumerate(messages)), strict=True)
     record, _ = strategy.aggregate_train(1, list(replies))
     assert record is not None and strategy.report.accepted == 3, strategy.report.rejected
@@ -103,7 +109,7 @@ def test_each_node_gets_its_own_rank(name: str) -> None:
     _, _, new, messages, _ = _round(name)
     for message in messages:
         rank = RANKS[message.metadata.dst_node_id]
-        sent = unflatten(decode(message.content[P.ADAPTER]), scale=ALPHA / rank)
+        sent = unflatten(decode(message.content.array_records[P.ADAPTER]), scale=ALPHA / rank)
         assert all(p.rank == rank for p in sent.values())
     assert all(p.rank == 8 for p in new.values())
 
@@ -111,7 +117,7 @@ def test_each_node_gets_its_own_rank(name: str) -> None:
 def test_zeropad_pads_and_truncates() -> None:
     _, start, new, messages, _ = _round("zeropad")
     small = next(m for m in messages if m.metadata.dst_node_id == 1)
-    sent = unflatten(decode(small.content[P.ADAPTER]), scale=ALPHA / 2)
+    sent = unflatten(decode(small.content.array_records[P.ADAPTER]), scale=ALPHA / 2)
     for module, pair in start.items():
         # truncation keeps the first slots; B is rescaled from alpha/8 to alpha/2
         assert torch.allclose(sent[module].a, pair.a[:2])
@@ -141,11 +147,12 @@ def test_only_ffa_scales_the_training_learning_rate(name: str, factor: Callable[
     rank = strategy.global_rank(sorted(set(strategy.node_ranks.values())))
     start = adapter_to_record(strategy.initial_global(_fresh(rank)))
     config = ConfigRecord({P.LR: 0.003})
-    messages = list(strategy.configure_train(1, start, config, FakeGrid()))
+    messages = list(strategy.configure_train(1, start, config, fake_grid()))
     assert len(messages) == len(RANKS)
     for message in messages:
         node_rank = strategy.node_ranks[message.metadata.dst_node_id]
-        assert message.content[P.CONFIG][P.LR] == pytest.approx(0.003 * factor(node_rank))
+        sent = P.config_number(message.content.config_records[P.CONFIG], P.LR)
+        assert sent == pytest.approx(0.003 * factor(node_rank))
     assert config[P.LR] == 0.003 and strategy.scheduled_lr == 0.003  # the caller's record is untouched
 
 
@@ -169,7 +176,7 @@ def test_flora_global_is_the_old_product_plus_every_weighted_update() -> None:
         exact = start[module].product().double()
         for message, weight, after in zip(messages, weights, trained, strict=True):
             rank = RANKS[message.metadata.dst_node_id]
-            sent = unflatten(decode(message.content[P.ADAPTER]), scale=ALPHA / rank)[module]
+            sent = unflatten(decode(message.content.array_records[P.ADAPTER]), scale=ALPHA / rank)[module]
             exact = exact + (weight / total) * (after[module].product().double() - sent.product().double())
         u, s, vh = torch.linalg.svd(exact, full_matrices=False)
         reference = (u[:, :8] * s[:8]) @ vh[:8]
@@ -212,8 +219,8 @@ def test_a_cosine_schedule_decays_the_rate_nodes_receive_over_the_rounds() -> No
     sent = []
     for server_round in range(1, 6):
         config = ConfigRecord({P.LR: 0.003})
-        messages = list(strategy.configure_train(server_round, start, config, FakeGrid()))
-        sent.append({m.content[P.CONFIG][P.LR] for m in messages})
+        messages = list(strategy.configure_train(server_round, start, config, fake_grid()))
+        sent.append({P.config_number(m.content.config_records[P.CONFIG], P.LR) for m in messages})
     assert all(len(rates) == 1 for rates in sent)  # one rate per round, the same for every node
     rates = [rates.pop() for rates in sent]
     assert rates[0] == pytest.approx(0.003) and rates[-1] == pytest.approx(0.0003)

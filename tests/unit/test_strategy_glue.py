@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from typing import cast
 
 import numpy as np
 import pytest
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid
 
 from pollen import protocol as P
 from pollen.adapter import Adapter, LoraFactors, flatten, unflatten
@@ -36,6 +38,11 @@ class FakeGrid:
 
     def get_node_ids(self) -> list[int]:
         return self.nodes
+
+
+def fake_grid(nodes: Iterable[int]) -> Grid:
+    """A FakeGrid typed as the Grid that strategies expect."""
+    return cast(Grid, FakeGrid(nodes))
 
 
 def _settings(**changes: object) -> StrategySettings:
@@ -100,7 +107,7 @@ def _delta(value: float) -> Adapter:
 def _configure(strategy: FedAvgLora, nodes: int = 6) -> list[Message]:
     config = ConfigRecord({P.LR: 0.1})
     messages = list(
-        strategy.configure_train(1, adapter_to_record(_global()), config, FakeGrid(range(1, nodes + 1)))
+        strategy.configure_train(1, adapter_to_record(_global()), config, fake_grid(range(1, nodes + 1)))
     )
     assert dict(config) == {P.LR: 0.1}  # the caller's record is never mutated
     return messages
@@ -112,9 +119,9 @@ def test_configure_train_samples_and_encodes_per_node() -> None:
     again = _configure(FedAvgLora(_settings()))
     assert [m.metadata.dst_node_id for m in messages] == [m.metadata.dst_node_id for m in again]
     for message in messages:
-        config = message.content[P.CONFIG]
+        config = message.content.config_records[P.CONFIG]
         assert config[P.RANK] == RANK and config[P.FINGERPRINT] == "abc" and config[P.LR] == 0.1
-        sent = unflatten(decode(message.content[P.ADAPTER]), scale=ALPHA / RANK)
+        sent = unflatten(decode(message.content.array_records[P.ADAPTER]), scale=ALPHA / RANK)
         for module, pair in _global().items():
             assert torch.equal(sent[module].a, pair.a)
 
@@ -126,7 +133,7 @@ def test_same_seed_samples_the_same_partitions_whatever_the_node_ids() -> None:
         strategy = FedAvgLora(_settings())
         strategy.node_keys = {node: partition for partition, node in enumerate(node_ids)}
         config = ConfigRecord({P.LR: 0.1})
-        messages = strategy.configure_train(1, adapter_to_record(_global()), config, FakeGrid(node_ids))
+        messages = strategy.configure_train(1, adapter_to_record(_global()), config, fake_grid(node_ids))
         sampled.append([strategy.node_keys[m.metadata.dst_node_id] for m in messages])
     assert sampled[0] == sampled[1] and sampled[0] == sorted(sampled[0])
 
@@ -139,7 +146,7 @@ def test_min_nodes_overrides_a_small_fraction() -> None:
 def test_sampling_waits_for_min_nodes_then_fails_clearly() -> None:
     strategy = FedAvgLora(_settings(min_nodes=5, wait_seconds=0.1))
     with pytest.raises(TimeoutError, match="only 2 usable nodes connected"):
-        list(strategy.configure_train(1, adapter_to_record(_global()), ConfigRecord(), FakeGrid([1, 2])))
+        list(strategy.configure_train(1, adapter_to_record(_global()), ConfigRecord(), fake_grid([1, 2])))
 
 
 def test_fedavg_adds_the_weighted_mean_delta() -> None:
