@@ -276,14 +276,7 @@ def main() -> int:
     ffa_note = (
         f"`ffa` nodes train B at `train.lr` {cfg['train.lr']} x `strategy.ffa-lr-multiplier` "
         f"{cfg['strategy.ffa-lr-multiplier']} x sqrt(node rank / {top_rank}) (docs/STRATEGIES.md); "
-        "every other row trains at `train.lr`"
-        + (
-            "."
-            if cfg["train.lr-schedule"] == "constant"
-            else f", all on the `{cfg['train.lr-schedule']}` "
-            f"schedule down to `train.lr-min` {cfg['train.lr-min']}; centralized and local-only at a "
-            "constant `train.lr`."
-        )
+        "every other row trains at `train.lr`."
     )
     rows: list[Row] = []
     total = len(chosen)

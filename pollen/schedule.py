@@ -1,8 +1,8 @@
 """Learning rate per federated round: constant, or a cosine decay from ``train.lr`` to ``train.lr-min``.
 
-Nodes start a fresh optimizer every round, so the server sets each round's rate. Decaying it over the
-rounds lets late rounds refine rather than jump, which steadies the final adapter against small
-perturbations such as wire rounding.
+Nodes start a fresh optimizer every round, so the server picks each round's rate and sends it with the
+adapter. A decay lets long runs settle; a short run that is still learning may do better at a constant
+rate, which is the default.
 """
 
 from __future__ import annotations
