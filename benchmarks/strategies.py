@@ -272,11 +272,9 @@ def main() -> int:
     command = "python benchmarks/strategies.py" + ("" if args.rounds == 10 else f" --rounds {args.rounds}")
     if args.only:
         command += " --only " + " ".join(args.only)
-    top_rank = max(int(rank) for rank in MIXED_RANKS.split(","))
     ffa_note = (
         f"`ffa` nodes train B at `train.lr` {cfg['train.lr']} x `strategy.ffa-lr-multiplier` "
-        f"{cfg['strategy.ffa-lr-multiplier']} x sqrt(node rank / {top_rank}) (docs/STRATEGIES.md); "
-        "every other row trains at `train.lr`."
+        f"{cfg['strategy.ffa-lr-multiplier']} (docs/STRATEGIES.md); every other row trains at `train.lr`."
     )
     rows: list[Row] = []
     total = len(chosen)

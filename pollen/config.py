@@ -77,7 +77,7 @@ class StrategyConfig:
     round_timeout: float
     rank_plan: tuple[int, ...]  # ranks cycled over nodes by partition id; () = every node lora.rank
     norm_weighted: bool
-    ffa_lr_multiplier: float  # ffa only: nodes train B with train.lr times this (scaled by rank)
+    ffa_lr_multiplier: float  # ffa only: nodes train B with train.lr times this
 
 
 @dataclass(frozen=True)

@@ -4,13 +4,11 @@ With one A shared by all nodes, averaging B is exact (sum_k p_k s_k B_k A = (sum
 and the uplink carries B alone: half the factors. Ranks nest: a rank-r node uses the first r rows of
 the max-rank A. Error feedback is meaningful for B, which persists across rounds. With A frozen, the
 update can only grow along A's fixed random rows and learns slowly at ``train.lr``, so nodes train
-with ``train.lr`` times ``strategy.ffa-lr-multiplier``, scaled by sqrt(node rank / global rank) so that
-low-rank nodes, whose alpha / rank scale is large, do not overshoot (docs/STRATEGIES.md).
+with ``train.lr`` times ``strategy.ffa-lr-multiplier`` (its effect is measured in docs/BENCHMARKS.md).
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 from pollen.adapter import Adapter, LoraFactors, add
@@ -41,20 +39,7 @@ class FfaLora(LoraStrategy):
         }
 
     def node_lr(self, lr: float, rank: int) -> float:
-        """``lr`` x the multiplier x sqrt(rank / global rank): every node's step moves B·A by about as much.
-
-        Adam moves each entry of B by about the rate per step, so a rank-r update ``(alpha / r) ΔB A``
-        grows like ``alpha / sqrt(r)``; the square-root factor evens that out, so low-rank nodes (large
-        scale) do not overshoot while high-rank nodes still take large steps.
-        """
-        top = self._top_rank()
-        return lr * self.settings.ffa_lr_multiplier * math.sqrt(min(rank, top) / top)
-
-    def _top_rank(self) -> int:
-        """Rank of the global adapter (the largest rank in the federation)."""
-        if self._global:
-            return max(pair.rank for pair in self._global.values())
-        return max([self.settings.global_rank, *self.node_ranks.values()])
+        return lr * self.settings.ffa_lr_multiplier
 
     def project(self, global_adapter: Adapter, rank: int) -> Adapter:
         return project_to_rank(global_adapter, rank, self.settings.alpha, method="truncate")
