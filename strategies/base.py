@@ -142,8 +142,8 @@ class LoraStrategy(Strategy):
         """The next global adapter from the current one and the accepted updates."""
         raise NotImplementedError
 
-    def node_lr(self, lr: float, rank: int) -> float:
-        """The rate a rank-``rank`` node trains with, from the round's rate (``ffa`` raises it)."""
+    def train_lr(self, lr: float) -> float:
+        """The rate nodes train with, from the round's scheduled rate (ffa raises it)."""
         return lr
 
     # ---- Flower hooks -------------------------------------------------------------------------
@@ -172,7 +172,7 @@ class LoraStrategy(Strategy):
             s = self.settings
             lr = round_lr(s.lr_schedule, P.config_number(config, P.LR), s.lr_min, server_round, s.num_rounds)
             self.scheduled_lr = lr
-            config = ConfigRecord({**config, P.LR: lr})
+            config = ConfigRecord({**config, P.LR: self.train_lr(lr)})
         messages = []
         for node_id in self._sample(grid, self.settings.fraction_train, server_round, salt=0):
             message, sent = self._message(node_id, config, server_round, MessageType.TRAIN)
@@ -301,8 +301,6 @@ class LoraStrategy(Strategy):
             node_config[P.DOWNLINK_BASE] = view[0] if view is not None else P.NO_VIEW
             node_config[P.DOWNLINK_VERSION] = version
             self._pending_views[node_id] = (version, decoded)
-        if kind == MessageType.TRAIN and P.LR in node_config:
-            node_config[P.LR] = self.node_lr(P.config_number(node_config, P.LR), rank)
         node_config[P.ROUND] = server_round
         node_config[P.RANK] = rank
         node_config[P.LORA_ALPHA] = self.settings.alpha

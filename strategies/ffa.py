@@ -38,7 +38,7 @@ class FfaLora(LoraStrategy):
             for module, pair in fresh.items()
         }
 
-    def node_lr(self, lr: float, rank: int) -> float:
+    def train_lr(self, lr: float) -> float:
         return lr * self.settings.ffa_lr_multiplier
 
     def project(self, global_adapter: Adapter, rank: int) -> Adapter:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any, cast
 
 import pytest
@@ -131,15 +130,8 @@ def test_ffa_never_changes_a_and_sends_b_only() -> None:
         assert not torch.equal(new[module].b, pair.b)
 
 
-@pytest.mark.parametrize(
-    ("name", "factor"),
-    [
-        ("ffa", lambda rank: 5.0),
-        ("fedavg", lambda rank: 1.0),
-        ("flexlora", lambda rank: 1.0),
-    ],
-)
-def test_only_ffa_scales_the_training_learning_rate(name: str, factor: Callable[[int], float]) -> None:
+@pytest.mark.parametrize(("name", "expected"), [("ffa", 0.015), ("fedavg", 0.003), ("flexlora", 0.003)])
+def test_only_ffa_scales_the_training_learning_rate(name: str, expected: float) -> None:
     strategy = _strategy(name, ffa_lr_multiplier=5.0)
     if name == "fedavg":
         strategy.node_ranks = dict.fromkeys(RANKS, 4)  # fedavg needs one rank
@@ -149,9 +141,7 @@ def test_only_ffa_scales_the_training_learning_rate(name: str, factor: Callable[
     messages = list(strategy.configure_train(1, start, config, fake_grid()))
     assert len(messages) == len(RANKS)
     for message in messages:
-        node_rank = strategy.node_ranks[message.metadata.dst_node_id]
-        sent = P.config_number(message.content.config_records[P.CONFIG], P.LR)
-        assert sent == pytest.approx(0.003 * factor(node_rank))
+        assert P.config_number(message.content.config_records[P.CONFIG], P.LR) == pytest.approx(expected)
     assert config[P.LR] == 0.003 and strategy.scheduled_lr == 0.003  # the caller's record is untouched
 
 
