@@ -14,6 +14,7 @@ from pollen import protocol as P
 from pollen.codec import WireSpec
 from pollen.config import ConfigError, RunConfig, parse_run_config
 from pollen.model import LoraHost, check_model_available, load_base_model, load_tokenizer
+from pollen.schedule import round_lr
 from server_app.artifacts import CHECKPOINT_DIR, RunFolder, check_run_folder_free, run_folder_path
 from server_app.checkpoint import (
     Checkpoint,
@@ -79,12 +80,13 @@ def preflight(run_config: dict[str, Any]) -> tuple[RunConfig, str]:
     return cfg, model_path
 
 
-def train_config(cfg: RunConfig) -> ConfigRecord:
-    """The knobs every node receives with its adapter."""
+def train_config(cfg: RunConfig, server_round: int) -> ConfigRecord:
+    """The knobs every node receives with its adapter in ``server_round``, its learning rate scheduled."""
+    t = cfg.train
     return ConfigRecord(
         {
-            P.LOCAL_STEPS: cfg.train.local_steps,
-            P.LR: cfg.train.lr,
+            P.LOCAL_STEPS: t.local_steps,
+            P.LR: round_lr(t.lr_schedule, t.lr, t.lr_min, server_round, cfg.num_server_rounds),
             P.BATCH_SIZE: cfg.train.batch_size,
             P.MAX_SEQ_LEN: cfg.train.max_seq_len,
             P.SEED: cfg.seed,
@@ -138,13 +140,17 @@ def main(grid: Grid, context: Context) -> None:
         log.info("round 0 (base + initial adapter): eval_loss %.4f | exact_match %.3f", base_loss, base_match)
     strategy.summary()
 
-    config = train_config(cfg)
     for server_round in range(len(rows) + 1, cfg.num_server_rounds + 1):
         started = time.perf_counter()
         if nodes.discover(grid, timeout=cfg.strategy.round_timeout):
             admit(strategy, nodes)
         global_record, row = run_round(
-            grid, strategy, server_round, global_record, config, cfg.strategy.round_timeout
+            grid,
+            strategy,
+            server_round,
+            global_record,
+            train_config(cfg, server_round),
+            cfg.strategy.round_timeout,
         )
         loss, match = evaluate(global_record)
         row.update(eval_loss=loss, exact_match=match, round_seconds=time.perf_counter() - started)
@@ -183,9 +189,6 @@ def strategy_settings(cfg: RunConfig, fingerprint: str) -> StrategySettings:
         wait_seconds=cfg.strategy.round_timeout,
         norm_weighted=cfg.strategy.norm_weighted,
         ffa_lr_multiplier=cfg.strategy.ffa_lr_multiplier,
-        lr_schedule=cfg.train.lr_schedule,
-        lr_min=cfg.train.lr_min,
-        num_rounds=cfg.num_server_rounds,
         downlink_feedback=cfg.wire.error_feedback,
     )
 

@@ -71,7 +71,7 @@ def run_round(
         new_record = global_record
     row: dict[str, Any] = {
         "round": server_round,
-        "lr": strategy.scheduled_lr,
+        "lr": _metric(config, P.LR),  # the round's rate as scheduled, before a strategy's multiple
         "train_loss": _metric(train_metrics, P.TRAIN_LOSS),
         "train_seconds": _metric(train_metrics, P.TRAIN_SECONDS),
         "client_peak_rss_mb": _metric(train_metrics, P.PEAK_RSS_MB),

@@ -22,7 +22,6 @@ from flwr.serverapp.strategy import Strategy
 from pollen import protocol as P
 from pollen.adapter import Adapter, LoraFactors, add, flatten, subtract, unflatten
 from pollen.codec import CodecError, WireSpec, decode, encode
-from pollen.schedule import round_lr
 
 log = logging.getLogger("pollen")
 
@@ -43,9 +42,6 @@ class StrategySettings:
     downlink_feedback: bool = True  # quantized downlink sends changes since the node's last adapter
     norm_weighted: bool = False  # zeropad: weight each update also by its norm (HetLoRA)
     ffa_lr_multiplier: float = 1.0  # ffa: factor on the learning rate nodes train B with
-    lr_schedule: str = "constant"  # how the round's learning rate moves from train.lr (pollen/schedule.py)
-    lr_min: float = 0.0  # the cosine schedule's last-round rate
-    num_rounds: int = 1  # rounds the schedule spans (num-server-rounds)
 
 
 @dataclass(frozen=True)
@@ -114,7 +110,6 @@ class LoraStrategy(Strategy):
         self.node_ranks: dict[int, int] = {}
         self.node_keys: dict[int, int] = {}
         self._global: Adapter | None = None
-        self.scheduled_lr: float | None = None  # the scheduled rate of the last configured training round
         self._sent: dict[int, Adapter] = {}  # node id -> adapter it was sent, as it decodes it
         # Downlink views: node id -> (version, the adapter the node holds); committed on an accepted reply.
         self._views: dict[int, tuple[int, Adapter]] = {}
@@ -143,7 +138,7 @@ class LoraStrategy(Strategy):
         raise NotImplementedError
 
     def train_lr(self, lr: float) -> float:
-        """The rate nodes train with, from the round's scheduled rate (ffa raises it)."""
+        """The rate nodes train with, from the round's rate in the train config (ffa raises it)."""
         return lr
 
     # ---- Flower hooks -------------------------------------------------------------------------
@@ -167,12 +162,8 @@ class LoraStrategy(Strategy):
         self._global = adapter_from_record(arrays)
         self._sent = {}
         self._pending_views = {}
-        self.scheduled_lr = None
-        if P.LR in config:  # one scheduled rate per round; never mutate the caller's record
-            s = self.settings
-            lr = round_lr(s.lr_schedule, P.config_number(config, P.LR), s.lr_min, server_round, s.num_rounds)
-            self.scheduled_lr = lr
-            config = ConfigRecord({**config, P.LR: self.train_lr(lr)})
+        if P.LR in config:  # one learning rate per round; never mutate the caller's record
+            config = ConfigRecord({**config, P.LR: self.train_lr(P.config_number(config, P.LR))})
         messages = []
         for node_id in self._sample(grid, self.settings.fraction_train, server_round, salt=0):
             message, sent = self._message(node_id, config, server_round, MessageType.TRAIN)

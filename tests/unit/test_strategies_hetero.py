@@ -12,6 +12,8 @@ from flwr.serverapp import Grid
 from pollen import protocol as P
 from pollen.adapter import Adapter, LoraFactors, flatten, unflatten
 from pollen.codec import WireSpec, decode, encode
+from pollen.config import parse_run_config
+from server_app.app import train_config
 from strategies.base import LoraStrategy, StrategySettings, adapter_from_record, adapter_to_record
 from strategies.registry import build_strategy
 
@@ -37,7 +39,7 @@ def fake_grid() -> Grid:
     return cast(Grid, FakeGrid())
 
 
-def _strategy(name: str, ffa_lr_multiplier: float = 1.0, **schedule: Any) -> LoraStrategy:
+def _strategy(name: str, ffa_lr_multiplier: float = 1.0) -> LoraStrategy:
     settings = StrategySettings(
         fraction_train=1.0,
         fraction_evaluate=0.0,
@@ -49,7 +51,6 @@ def _strategy(name: str, ffa_lr_multiplier: float = 1.0, **schedule: Any) -> Lor
         seed=3,
         wait_seconds=1.0,
         ffa_lr_multiplier=ffa_lr_multiplier,
-        **schedule,
     )
     strategy = build_strategy(name, settings)
     strategy.node_ranks = dict(RANKS)
@@ -142,7 +143,7 @@ def test_only_ffa_scales_the_training_learning_rate(name: str, expected: float) 
     assert len(messages) == len(RANKS)
     for message in messages:
         assert P.config_number(message.content.config_records[P.CONFIG], P.LR) == pytest.approx(expected)
-    assert config[P.LR] == 0.003 and strategy.scheduled_lr == 0.003  # the caller's record is untouched
+    assert config[P.LR] == 0.003  # the caller's record is untouched
 
 
 def test_flexlora_global_is_the_truncated_svd_of_the_weighted_products() -> None:
@@ -201,13 +202,17 @@ def test_flora_stack_is_exact_before_reprojection() -> None:
     assert error < 1e-5
 
 
-def test_a_cosine_schedule_decays_the_rate_nodes_receive_over_the_rounds() -> None:
-    strategy = _strategy("zeropad", lr_schedule="cosine", lr_min=0.0003, num_rounds=5)
+def test_a_cosine_schedule_decays_the_rate_nodes_receive_over_the_rounds(run_config: dict[str, Any]) -> None:
+    run_config.update(
+        {"num-server-rounds": 5, "train.lr": 0.003, "train.lr-schedule": "cosine", "train.lr-min": 0.0003}
+    )
+    cfg = parse_run_config(run_config)
+    strategy = _strategy("zeropad")
     rank = strategy.global_rank(sorted(set(strategy.node_ranks.values())))
     start = adapter_to_record(strategy.initial_global(_fresh(rank)))
     sent = []
     for server_round in range(1, 6):
-        config = ConfigRecord({P.LR: 0.003})
+        config = train_config(cfg, server_round)  # what the ServerApp hands the strategy each round
         messages = list(strategy.configure_train(server_round, start, config, fake_grid()))
         sent.append({P.config_number(m.content.config_records[P.CONFIG], P.LR) for m in messages})
     assert all(len(rates) == 1 for rates in sent)  # one rate per round, the same for every node
