@@ -1,16 +1,19 @@
 """Learning quality of every strategy on the non-IID default with mixed ranks, at a 32-bit and a 4-bit wire.
 
-Usage: python benchmarks/strategies.py [--rounds 10] [--only ROW ...]
+Usage: python benchmarks/strategies.py [--rounds 10] [--seeds 0 1 2] [--only ROW ...] [--rerun]
 
-Rows, all on the shipped task (10 nodes, Dirichlet over skills, same seed) and judged on the server's
-held-out examples:
+Rows, all on the shipped task (10 nodes, Dirichlet over skills) and judged on the server's held-out
+examples:
 - centralized: one rank-8 adapter trained on the union of all node partitions for as many steps as the
   whole federation trains (rounds x nodes sampled per round x local steps): the upper bound;
 - local-only: each node trains a rank-8 adapter on its own partition alone for rounds x local steps
   (as if it were sampled every round, which favours this baseline); the mean over nodes;
 - fedavg at equal rank 8 (the reference), and zeropad, flora, flexlora and ffa with ranks 2,4,8,16
   cycled over the nodes; each at a 32-bit wire and a 4-bit wire (both directions, error feedback).
-Writes the "strategies" section of docs/BENCHMARKS.md.
+Every finished (row, seed) run is appended to benchmarks/results/strategies.jsonl; runs already logged
+for the same shipped config and rounds are reused unless --rerun, so seeds can be added one invocation
+at a time. The table shows means over each row's logged seeds, and the checks compare rows on the seeds
+both ran. Writes the "strategies" section of docs/BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -19,7 +22,8 @@ import argparse
 import statistics
 import sys
 import time
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from benchmarks import runlog  # noqa: E402
 from benchmarks.report import (  # noqa: E402
     load_average,
     machine_line,
@@ -41,20 +46,44 @@ MIXED_RANKS = "2,4,8,16"
 BASELINE_RANK = 8
 EVAL_BATCH_SIZE = 32
 MAX_EM_GAP = 0.03  # a heterogeneous 4-bit strategy must be within 3 exact-match points of fp32 fedavg
+LOG = ROOT / "benchmarks" / "results" / "strategies.jsonl"
+LOCAL_ONLY = "local-only (mean of nodes)"
+
+
+@dataclass(frozen=True)
+class Run:
+    """One row on one seed: how it did and what it sent (the figures a log record keeps)."""
+
+    eval_loss: float
+    exact_match: float
+    total_bytes: int | None  # None: no wire (centralized, local-only)
+    seconds: float
+    node_eval_loss: tuple[float, ...] = ()  # local-only: every node's own figures
+    node_exact_match: tuple[float, ...] = ()
 
 
 @dataclass(frozen=True)
 class Row:
-    """One line of the table: what ran, how it did, what it sent."""
+    """One line of the table: a row's runs by seed."""
 
     name: str
     ranks: str
     wire_bits: int | None  # None: no wire (centralized, local-only)
-    eval_loss: float
-    exact_match: float
-    total_bytes: int | None
-    seconds: float
-    spread: str = ""  # min-max over nodes, for local-only
+    runs: Mapping[int, Run] = field(default_factory=dict)  # seed -> run
+
+    @property
+    def seeds(self) -> list[int]:
+        return sorted(self.runs)
+
+    def mean(self, attribute: str, seeds: Sequence[int] | None = None) -> float:
+        """Mean of one Run field over ``seeds`` (default: every seed the row ran)."""
+        chosen = self.seeds if seeds is None else seeds
+        return statistics.fmean(float(getattr(self.runs[s], attribute)) for s in chosen)
+
+    def sd(self, attribute: str) -> float | None:
+        """Standard deviation over seeds; None with a single seed."""
+        values = [float(getattr(self.runs[s], attribute)) for s in self.seeds]
+        return statistics.stdev(values) if len(values) > 1 else None
 
 
 @dataclass(frozen=True)
@@ -83,19 +112,28 @@ FEDERATED = tuple(
     for bits in (32, 4)
 )
 BASELINES = ("centralized", "local-only")
+ROW_NAMES = {"centralized": "centralized", "local-only": LOCAL_ONLY}  # --only name -> table name
+
+
+def row_shape(name: str) -> tuple[str, int | None]:
+    """(ranks, wire bits) of a table row, by its name."""
+    for setting in FEDERATED:
+        if setting.name == name:
+            return setting.ranks or str(BASELINE_RANK), setting.wire_bits
+    return str(BASELINE_RANK), None
 
 
 class Trainer:
     """The embedded 4-bit base with one rank-8 adapter that can be reset, trained and evaluated; no Flower."""
 
-    def __init__(self) -> None:
+    def __init__(self, seed: int) -> None:
         from pollen.config import parse_run_config
         from pollen.model import LoraHost, load_base_model, load_tokenizer
         from tasks.batches import tokenize_all
         from tasks.data import held_out
         from tasks.embedded import resolve_model_name
 
-        self.cfg = parse_run_config(shipped_run_config())
+        self.cfg = parse_run_config({**shipped_run_config(), "seed": seed})
         path = resolve_model_name(self.cfg.model.name)
         self.host = LoraHost(load_base_model(path, self.cfg.model), self.cfg.lora, seed=self.cfg.seed)
         self.host.activate(BASELINE_RANK)
@@ -139,17 +177,17 @@ class Trainer:
         return [node_data(self.cfg.task, p, NUM_NODES, self.cfg.seed)[0] for p in range(NUM_NODES)]
 
 
-def run_centralized(trainer: Trainer, steps: int) -> Row:
+def run_centralized(trainer: Trainer, steps: int) -> Run:
     from datasets import concatenate_datasets
 
     started = time.monotonic()
     loss, match = trainer.train_and_evaluate(
         concatenate_datasets(trainer.partitions()), steps, trainer.cfg.seed
     )
-    return Row("centralized", str(BASELINE_RANK), None, loss, match, None, time.monotonic() - started)
+    return Run(loss, match, None, time.monotonic() - started)
 
 
-def run_local_only(trainer: Trainer, steps: int) -> Row:
+def run_local_only(trainer: Trainer, steps: int) -> Run:
     started = time.monotonic()
     results = []
     for partition, train_set in enumerate(trainer.partitions()):
@@ -158,55 +196,136 @@ def run_local_only(trainer: Trainer, steps: int) -> Row:
             f"  local-only node {partition}: eval_loss {results[-1][0]:.4f}, EM {results[-1][1]:.3f}",
             flush=True,
         )
-    losses, matches = [r[0] for r in results], [r[1] for r in results]
-    spread = f"EM {min(matches):.3f}-{max(matches):.3f}, loss {min(losses):.3f}-{max(losses):.3f}"
-    return Row(
-        "local-only (mean of nodes)",
-        str(BASELINE_RANK),
-        None,
-        statistics.mean(losses),
-        statistics.mean(matches),
-        None,
-        time.monotonic() - started,
-        spread,
+    losses, matches = tuple(r[0] for r in results), tuple(r[1] for r in results)
+    return Run(
+        statistics.fmean(losses), statistics.fmean(matches), None, time.monotonic() - started, losses, matches
     )
 
 
-def run_federated(setting: FederatedSetting, rounds: int) -> Row:
-    rows, seconds = run_federation(setting.name, setting.overrides(), rounds, NUM_NODES)
+def run_federated(setting: FederatedSetting, rounds: int, seed: int) -> Run:
+    overrides = {**setting.overrides(), "seed": seed}
+    rows, seconds = run_federation(f"{setting.name}-s{seed}", overrides, rounds, NUM_NODES)
     total = sum(r["uplink_bytes"] + r["downlink_bytes"] for r in rows)
-    last = rows[-1]
-    ranks = setting.ranks or str(BASELINE_RANK)
-    return Row(setting.name, ranks, setting.wire_bits, last["eval_loss"], last["exact_match"], total, seconds)
+    return Run(float(rows[-1]["eval_loss"]), float(rows[-1]["exact_match"]), total, seconds)
+
+
+def to_record(name: str, seed: int, rounds: int, config: str, run: Run, load: str) -> dict[str, Any]:
+    """The log line of one run, with when, where and at which commit it was made."""
+    return {
+        "row": name,
+        "seed": seed,
+        "rounds": rounds,
+        "nodes": NUM_NODES,
+        "config": config,
+        "eval_loss": run.eval_loss,
+        "exact_match": run.exact_match,
+        "total_bytes": run.total_bytes,
+        "seconds": round(run.seconds, 1),
+        "node_eval_loss": list(run.node_eval_loss),
+        "node_exact_match": list(run.node_exact_match),
+        "date": runlog.today(),
+        "commit": runlog.git_commit(),
+        "machine": machine_line(None),
+        "load": load,
+    }
+
+
+def logged_rows(records: Sequence[Mapping[str, Any]], rounds: int, config: str) -> list[Row]:
+    """Table rows from the log: the newest run per (row, seed) of this config and round count."""
+    newest = runlog.latest(
+        (
+            r
+            for r in records
+            if r.get("rounds") == rounds and r.get("config") == config and r.get("nodes") == NUM_NODES
+        ),
+        ("row", "seed"),
+    )
+    by_row: dict[str, dict[int, Run]] = {}
+    for (name, seed), record in newest.items():
+        by_row.setdefault(str(name), {})[int(seed)] = Run(
+            float(record["eval_loss"]),
+            float(record["exact_match"]),
+            record.get("total_bytes"),
+            float(record["seconds"]),
+            tuple(record.get("node_eval_loss") or ()),
+            tuple(record.get("node_exact_match") or ()),
+        )
+    order = [*ROW_NAMES.values(), *(s.name for s in FEDERATED)]
+    return [Row(name, *row_shape(name), by_row[name]) for name in order if name in by_row]
+
+
+def shared_seeds(a: Row, b: Row) -> list[int]:
+    return sorted(set(a.runs) & set(b.runs))
+
+
+def _seed_list(seeds: Sequence[int]) -> str:
+    return ",".join(map(str, seeds))
 
 
 def verdicts(rows: list[Row]) -> list[str]:
-    """The issue's two learning-quality checks, judged on the rows that ran."""
+    """The issue's two learning-quality checks, on means over the seeds both compared rows ran."""
     by_name = {r.name: r for r in rows}
-    reference, local = by_name.get("fedavg-fp32"), by_name.get("local-only (mean of nodes)")
+    reference, local = by_name.get("fedavg-fp32"), by_name.get(LOCAL_ONLY)
     federated = [r for r in rows if r.wire_bits is not None]
     lines = []
     hetero_4bit = [r for r in federated if r.wire_bits == 4 and not r.name.startswith("fedavg")]
-    if reference and hetero_4bit:
-        best = max(hetero_4bit, key=lambda r: r.exact_match)
-        gap = reference.exact_match - best.exact_match
-        met = gap <= MAX_EM_GAP + 1e-9
-        lines.append(
-            f"- Best mixed-rank strategy on the 4-bit wire: {best.name}, exact match {best.exact_match:.3f} "
-            f"against {reference.exact_match:.3f} for equal-rank fedavg at fp32 "
-            f"({abs(100 * gap):.1f} points {'behind' if gap > 0 else 'ahead'}; may be at most "
-            f"{100 * MAX_EM_GAP:.0f} behind): {'met' if met else 'NOT met'}."
-        )
+    if reference:
+        gaps = []
+        for row in hetero_4bit:
+            seeds = shared_seeds(reference, row)
+            if seeds:
+                gap = reference.mean("exact_match", seeds) - row.mean("exact_match", seeds)
+                gaps.append((gap, row, seeds))
+        if gaps:
+            gap, best, seeds = min(gaps, key=lambda g: g[0])
+            met = gap <= MAX_EM_GAP + 1e-9
+            lines.append(
+                f"- Best mixed-rank strategy on the 4-bit wire: {best.name}, exact match "
+                f"{best.mean('exact_match', seeds):.3f} against "
+                f"{reference.mean('exact_match', seeds):.3f} for equal-rank fedavg at fp32, "
+                f"means over seeds {_seed_list(seeds)} "
+                f"({abs(100 * gap):.1f} points {'behind' if gap > 0 else 'ahead'}; may be at most "
+                f"{100 * MAX_EM_GAP:.0f} behind): {'met' if met else 'NOT met'}."
+            )
     if local and federated:
-        losers = [
-            r.name for r in federated if r.exact_match <= local.exact_match or r.eval_loss >= local.eval_loss
-        ]
-        lines.append(
-            f"- Every federated row beats local-only on both exact match ({local.exact_match:.3f}) and "
-            f"eval loss ({local.eval_loss:.4f}): "
-            + ("met." if not losers else f"NOT met by {', '.join(losers)}.")
-        )
+        losers, compared = [], set()
+        for row in federated:
+            seeds = shared_seeds(local, row)
+            if not seeds:
+                continue
+            compared.add(_seed_list(seeds))
+            em, loss = row.mean("exact_match", seeds), row.mean("eval_loss", seeds)
+            local_em, local_loss = local.mean("exact_match", seeds), local.mean("eval_loss", seeds)
+            if em <= local_em or loss >= local_loss:
+                losers.append(
+                    f"{row.name} (exact match {em:.3f} against {local_em:.3f}, eval loss {loss:.4f} against "
+                    f"{local_loss:.4f}, seeds {_seed_list(seeds)})"
+                )
+        if compared:
+            lines.append(
+                "- Every federated row beats local-only on both mean exact match and mean eval loss, on the "
+                f"seeds both ran ({'; '.join(sorted(compared))}): "
+                + ("met." if not losers else f"NOT met by {', '.join(losers)}.")
+            )
     return lines
+
+
+def _with_sd(mean: float, sd: float | None, digits: int) -> str:
+    return f"{mean:.{digits}f}" + ("" if sd is None else f" ({sd:.{digits}f})")
+
+
+def provenance(records: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Where the table's runs were made: dates, commits and machines, and any note a record carries."""
+    dates = sorted({str(r.get("date")) for r in records})
+    commits = sorted({str(r.get("commit")) for r in records})
+    machines = sorted({str(r.get("machine")) for r in records})
+    notes = sorted({str(r["note"]) for r in records if r.get("note")})
+    lines = [
+        f"Runs: {len(records)} from `benchmarks/results/strategies.jsonl`, made "
+        f"{dates[0] if len(dates) == 1 else f'{dates[0]} to {dates[-1]}'} at commit"
+        f"{'' if len(commits) == 1 else 's'} {', '.join(commits)}, on: {'; '.join(machines)}."
+    ]
+    return lines + notes
 
 
 def render(
@@ -217,34 +336,62 @@ def render(
     steps: dict[str, int],
     notes: tuple[str, ...] = (),
 ) -> str:
-    """The section: command, machine, what the rows mean, the table, spreads, ``notes`` and the checks."""
+    """The section: command, machine, what the rows mean, the tables, notes and the checks."""
     lines = [
         "## Strategies: learning quality with mixed ranks",
         "",
         f"Command: `{command}`  ",
         f"Machine: {machine_line(load)}.",
         "",
-        f"Shipped task and seed: {NUM_NODES} nodes, Dirichlet over skills, {rounds} rounds; exact match and "
-        "eval loss of the final adapter on the server's held-out examples. Mixed ranks are "
-        f"`strategy.rank-plan={MIXED_RANKS}` cycled over the nodes by partition id. The 4-bit wire is "
-        "absmax 4-bit both directions with error feedback; bytes are measured serialized sizes over all "
-        f"rounds, both directions. Centralized trains {steps['centralized']} steps on the union of the "
-        f"partitions (the federation's total); local-only trains {steps['local-only']} steps per node on "
-        "its own partition.",
+        f"Shipped task: {NUM_NODES} nodes, Dirichlet over skills, {rounds} rounds; exact match and "
+        "eval loss of the final adapter on the server's held-out examples. Each row runs once per seed in "
+        "its `seeds` column (run config `seed`: data split, sampling, initialisation, training order and "
+        "the held-out examples); figures are means over those seeds with the standard deviation in "
+        f"brackets. Mixed ranks are `strategy.rank-plan={MIXED_RANKS}` cycled over the nodes by partition "
+        "id. The 4-bit wire is absmax 4-bit both directions with error feedback; bytes are measured "
+        f"serialized sizes over all rounds, both directions. Centralized trains {steps['centralized']} "
+        f"steps on the union of the partitions (the federation's total); local-only trains "
+        f"{steps['local-only']} steps per node on its own partition.",
         "",
-        "| row | ranks | wire | final eval loss | exact match | total MB | wall s |",
-        "|---|---|---|---:|---:|---:|---:|",
+        "| row | ranks | wire | seeds | final eval loss | exact match | total MB | wall s |",
+        "|---|---|---|---|---:|---:|---:|---:|",
     ]
     for r in rows:
         wire = "-" if r.wire_bits is None else ("fp32" if r.wire_bits == 32 else f"{r.wire_bits}-bit")
-        mb = "-" if r.total_bytes is None else f"{r.total_bytes / 1e6:.2f}"
-        numbers = f"{r.eval_loss:.4f} | {r.exact_match:.3f} | {mb} | {r.seconds:.0f}"
-        lines.append(f"| {r.name} | {r.ranks} | {wire} | {numbers} |")
-    spreads = [f"{r.name}: {r.spread}" for r in rows if r.spread]
-    if spreads:
-        lines += ["", "Spread over nodes: " + "; ".join(spreads) + "."]
-    if notes:
-        lines += ["", *notes]
+        sent = [run.total_bytes for run in r.runs.values() if run.total_bytes is not None]
+        mb = "-" if not sent else f"{statistics.fmean(sent) / 1e6:.2f}"
+        loss = _with_sd(r.mean("eval_loss"), r.sd("eval_loss"), 4)
+        match = _with_sd(r.mean("exact_match"), r.sd("exact_match"), 3)
+        lines.append(
+            f"| {r.name} | {r.ranks} | {wire} | {_seed_list(r.seeds)} | {loss} | {match} | {mb} "
+            f"| {r.mean('seconds'):.0f} |"
+        )
+    seeds = sorted({s for r in rows for s in r.runs})
+    if len(seeds) > 1:
+        lines += [
+            "",
+            "Per seed, exact match / final eval loss:",
+            "",
+            "| row | " + " | ".join(f"seed {s}" for s in seeds) + " |",
+            "|---|" + "---:|" * len(seeds),
+        ]
+        for r in rows:
+            cells = [
+                f"{r.runs[s].exact_match:.3f} / {r.runs[s].eval_loss:.4f}" if s in r.runs else "-"
+                for s in seeds
+            ]
+            lines.append(f"| {r.name} | " + " | ".join(cells) + " |")
+    for r in rows:
+        node_em = [m for run in r.runs.values() for m in run.node_exact_match]
+        node_loss = [x for run in r.runs.values() for x in run.node_eval_loss]
+        if node_em and node_loss:
+            lines += [
+                "",
+                f"Spread over nodes and seeds, {r.name}: exact match {min(node_em):.3f}-{max(node_em):.3f}, "
+                f"eval loss {min(node_loss):.3f}-{max(node_loss):.3f}.",
+            ]
+    for note in notes:
+        lines += ["", note]
     checks = verdicts(rows)
     if checks:
         lines += ["", "Checks:", *checks]
@@ -254,52 +401,89 @@ def render(
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=10, help="federated rounds per strategy row")
+    parser.add_argument(
+        "--seeds", type=int, nargs="+", default=[0, 1, 2], help="run-config seeds (default 0 1 2)"
+    )
     parser.add_argument("--only", nargs="*", default=None, help="rows to run (default: all)")
+    parser.add_argument("--rerun", action="store_true", help="measure runs the log already holds again")
     args = parser.parse_args()
     known = [*BASELINES, *(s.name for s in FEDERATED)]
     unknown = [n for n in args.only or [] if n not in known]
     if unknown:
         parser.error(f"--only {unknown}: known rows are {', '.join(known)}")
-    if args.rounds < 1:
-        parser.error(f"--rounds={args.rounds}: at least one round is needed")
-    chosen = set(args.only or known)
+    if args.rounds < 1 or any(seed < 0 for seed in args.seeds) or len(set(args.seeds)) != len(args.seeds):
+        parser.error(f"--rounds={args.rounds} --seeds={args.seeds}: need >= 1 round and distinct seeds >= 0")
+    chosen = [n for n in known if n in set(args.only or known)]
     cfg = shipped_run_config()
+    config = runlog.config_fingerprint(cfg)
     steps = {
         "centralized": args.rounds * nodes_per_round(cfg, NUM_NODES) * int(cfg["train.local-steps"]),
         "local-only": args.rounds * int(cfg["train.local-steps"]),
     }
     load = load_average()
     command = "python benchmarks/strategies.py" + ("" if args.rounds == 10 else f" --rounds {args.rounds}")
+    if args.seeds != [0, 1, 2]:
+        command += " --seeds " + " ".join(map(str, args.seeds))
     if args.only:
         command += " --only " + " ".join(args.only)
     ffa_note = (
         f"`ffa` nodes train B at `train.lr` {cfg['train.lr']} x `strategy.ffa-lr-multiplier` "
         f"{cfg['strategy.ffa-lr-multiplier']} (docs/STRATEGIES.md); every other row trains at `train.lr`."
     )
-    rows: list[Row] = []
-    total = len(chosen)
+    reuse_note = (
+        "Runs already in the log for this shipped config and round count are reused; add `--rerun` to "
+        "measure them again."
+    )
+    todo = [(seed, name) for seed in args.seeds for name in chosen]
+    done = {
+        (name, seed)
+        for (name, seed) in runlog.latest(
+            (r for r in runlog.read(LOG) if r.get("rounds") == args.rounds and r.get("config") == config),
+            ("row", "seed"),
+        )
+    }
 
-    def record(row: Row) -> None:
-        """Print the row and rewrite the section, so an interrupted run still leaves what it measured."""
-        rows.append(row)
-        print(f"  {row}", flush=True)
-        progress = () if len(rows) == total else (f"Partial: {len(rows)} of {total} rows have run.",)
-        write_section("strategies", render(command, load, rows, args.rounds, steps, (ffa_note, *progress)))
+    def publish(progress: tuple[str, ...] = ()) -> str:
+        """Rewrite the section from the whole log, so an interrupted run still leaves what it measured."""
+        records = [
+            r for r in runlog.read(LOG) if r.get("rounds") == args.rounds and r.get("config") == config
+        ]
+        rows = logged_rows(records, args.rounds, config)
+        notes = (reuse_note, *provenance(records), ffa_note, *progress) if records else progress
+        text = render(command, load, rows, args.rounds, steps, notes)
+        if rows:
+            write_section("strategies", text)
+        return text
 
-    if chosen & set(BASELINES):
-        trainer = Trainer()
-        if "centralized" in chosen:
-            print(f"running centralized ({steps['centralized']} steps)", flush=True)
-            record(run_centralized(trainer, steps["centralized"]))
-        if "local-only" in chosen:
-            print(f"running local-only ({NUM_NODES} nodes x {steps['local-only']} steps)", flush=True)
-            record(run_local_only(trainer, steps["local-only"]))
-    for setting in FEDERATED:
-        if setting.name in chosen:
-            print(f"running {setting.name} ({args.rounds} rounds)", flush=True)
-            record(run_federated(setting, args.rounds))
-    print(render(command, load, rows, args.rounds, steps, (ffa_note,)))
+    trainer: Trainer | None = None
+    for index, (seed, name) in enumerate(todo, start=1):
+        table_name = ROW_NAMES.get(name, name)
+        if (table_name, seed) in done and not args.rerun:
+            print(f"{name}, seed {seed}: already in {LOG.relative_to(ROOT)}, reused", flush=True)
+            continue
+        print(f"running {name}, seed {seed} ({index} of {len(todo)})", flush=True)
+        if name in BASELINES:
+            if trainer is None or trainer.cfg.seed != seed:
+                trainer = Trainer(seed)
+            run = (
+                run_centralized(trainer, steps[name])
+                if name == "centralized"
+                else run_local_only(trainer, steps[name])
+            )
+        else:
+            run = run_federated(next(s for s in FEDERATED if s.name == name), args.rounds, seed)
+        print(f"  {table_name}, seed {seed}: {run}", flush=True)
+        runlog.append(LOG, to_record(table_name, seed, args.rounds, config, run, _load_note(load)))
+        publish(
+            (f"Partial: {index} of {len(todo)} runs of this command are done.",) if index < len(todo) else ()
+        )
+    print(publish())
     return 0
+
+
+def _load_note(before: float | None) -> str:
+    after = load_average()
+    return "" if before is None or after is None else f"{before:.2f} before / {after:.2f} after"
 
 
 if __name__ == "__main__":

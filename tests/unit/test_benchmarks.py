@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
 
-from benchmarks import aggregation, wire
+from benchmarks import aggregation, runlog, strategies, wire
 from benchmarks.report import nodes_per_round, write_section
 from benchmarks.strategies import Row, render, verdicts
 from scripts.flower_run import shipped_run_config
@@ -36,8 +37,9 @@ def test_nodes_per_round_follows_fraction_and_minimum() -> None:
     assert nodes_per_round({**cfg, "strategy.fraction-train": 0.5, "strategy.min-nodes": 20}, 10) == 10
 
 
-def _row(name: str, bits: int | None, loss: float, match: float) -> Row:
-    return Row(name, "2,4,8,16", bits, loss, match, None if bits is None else 1000, 1.0)
+def _row(name: str, bits: int | None, loss: float, match: float, seeds: tuple[int, ...] = (0,)) -> Row:
+    run = strategies.Run(loss, match, None if bits is None else 1000, 1.0)
+    return Row(name, "2,4,8,16", bits, {seed: run for seed in seeds})
 
 
 def test_verdicts_judge_the_gap_and_the_local_baseline() -> None:
@@ -49,7 +51,7 @@ def test_verdicts_judge_the_gap_and_the_local_baseline() -> None:
     ]
     lines = verdicts(rows)
     assert "flexlora-int4" in lines[0] and lines[0].endswith("met.") and "NOT" not in lines[0]
-    assert "NOT met by zeropad-int4" in lines[1]
+    assert "NOT met by zeropad-int4 (exact match 0.040 against 0.050" in lines[1]
 
 
 def test_verdicts_report_a_gap_too_wide() -> None:
@@ -57,11 +59,73 @@ def test_verdicts_report_a_gap_too_wide() -> None:
     assert "NOT met" in lines[0]
 
 
-def test_render_tables_every_row() -> None:
-    rows = [_row("centralized", None, 0.5, 0.4), _row("fedavg-fp32", 32, 1.0, 0.2)]
+def test_verdicts_compare_means_on_the_seeds_both_rows_ran() -> None:
+    local = Row(
+        "local-only (mean of nodes)",
+        "8",
+        None,
+        {0: strategies.Run(2.0, 0.20, None, 1.0), 1: strategies.Run(2.0, 0.10, None, 1.0)},
+    )
+    ffa = Row(
+        "ffa-fp32",
+        "2,4,8,16",
+        32,
+        {0: strategies.Run(1.0, 0.15, 10, 1.0), 1: strategies.Run(1.0, 0.18, 10, 1.0)},
+    )
+    single = _row("flora-fp32", 32, 1.0, 0.19, seeds=(0,))  # behind seed 0 alone, its only seed
+    lines = verdicts([local, ffa, single])
+    assert "NOT met by flora-fp32 (exact match 0.190 against 0.200" in lines[0]
+    assert "ffa-fp32" not in lines[0]  # 0.165 against the mean 0.150 on seeds 0,1: ahead
+    assert "seeds both ran (0; 0,1)" in lines[0]
+
+
+def test_render_tables_means_and_every_seed() -> None:
+    rows = [
+        _row("centralized", None, 0.5, 0.4),
+        Row(
+            "fedavg-fp32",
+            "8",
+            32,
+            {0: strategies.Run(1.0, 0.2, 2_000_000, 1.0), 2: strategies.Run(1.2, 0.3, 2_000_000, 3.0)},
+        ),
+    ]
     text = render("python benchmarks/strategies.py", None, rows, 10, {"centralized": 600, "local-only": 120})
-    assert "| centralized | 2,4,8,16 | - | 0.5000 | 0.400 | - |" in text
-    assert "| fedavg-fp32 | 2,4,8,16 | fp32 | 1.0000 | 0.200 | 0.00 |" in text
+    assert "| centralized | 2,4,8,16 | - | 0 | 0.5000 | 0.400 | - | 1 |" in text
+    assert "| fedavg-fp32 | 8 | fp32 | 0,2 | 1.1000 (0.1414) | 0.250 (0.071) | 2.00 | 2 |" in text
+    assert "| centralized | 0.400 / 0.5000 | - |" in text  # per-seed table: ran seed 0 only
+
+
+def test_log_rows_keep_the_newest_run_per_row_and_seed(tmp_path: Path) -> None:
+    log = tmp_path / "runs.jsonl"
+    run = strategies.Run(1.0, 0.2, 100, 5.0)
+    for seed, loss in ((0, 1.0), (1, 2.0), (0, 3.0)):  # seed 0 measured twice: the later one counts
+        runlog.append(
+            log,
+            strategies.to_record(
+                "fedavg-fp32", seed, 10, "abc", dataclasses.replace(run, eval_loss=loss), ""
+            ),
+        )
+    runlog.append(log, strategies.to_record("fedavg-fp32", 2, 5, "abc", run, ""))  # other round count
+    runlog.append(log, strategies.to_record("fedavg-fp32", 3, 10, "other", run, ""))  # other config
+    (row,) = strategies.logged_rows(runlog.read(log), 10, "abc")
+    assert row.seeds == [0, 1] and row.runs[0].eval_loss == 3.0 and row.wire_bits == 32 and row.ranks == "8"
+
+
+def test_runlog_rejects_a_malformed_line_with_its_number(tmp_path: Path) -> None:
+    log = tmp_path / "runs.jsonl"
+    log.write_text('{"row": "a"}\n\n[1, 2]\n')
+    with pytest.raises(ValueError, match=r"runs.jsonl:3: expected a JSON object"):
+        runlog.read(log)
+    log.write_text('{"row": "a"}\n{"row": \n')
+    with pytest.raises(ValueError, match=r"runs.jsonl:2: not a JSON object"):
+        runlog.read(log)
+    assert runlog.read(tmp_path / "absent.jsonl") == []
+
+
+def test_config_fingerprint_changes_with_any_setting() -> None:
+    cfg = shipped_run_config()
+    assert runlog.config_fingerprint(cfg) == runlog.config_fingerprint(dict(reversed(list(cfg.items()))))
+    assert runlog.config_fingerprint(cfg) != runlog.config_fingerprint({**cfg, "train.lr": 0.5})
 
 
 def _outcome(name: str, losses: tuple[float, ...], total: int) -> wire.Outcome:
