@@ -230,16 +230,18 @@ def to_record(name: str, seed: int, rounds: int, config: str, run: Run, load: st
     }
 
 
+def same_experiment(records: Sequence[Mapping[str, Any]], rounds: int, config: str) -> list[dict[str, Any]]:
+    """The logged runs made with this shipped config (fingerprint), round count and number of nodes."""
+    return [
+        dict(r)
+        for r in records
+        if r.get("rounds") == rounds and r.get("config") == config and r.get("nodes") == NUM_NODES
+    ]
+
+
 def logged_rows(records: Sequence[Mapping[str, Any]], rounds: int, config: str) -> list[Row]:
     """Table rows from the log: the newest run per (row, seed) of this config and round count."""
-    newest = runlog.latest(
-        (
-            r
-            for r in records
-            if r.get("rounds") == rounds and r.get("config") == config and r.get("nodes") == NUM_NODES
-        ),
-        ("row", "seed"),
-    )
+    newest = runlog.latest(same_experiment(records, rounds, config), ("row", "seed"))
     by_row: dict[str, dict[int, Run]] = {}
     for (name, seed), record in newest.items():
         by_row.setdefault(str(name), {})[int(seed)] = Run(
@@ -435,19 +437,11 @@ def main() -> int:
         "measure them again."
     )
     todo = [(seed, name) for seed in args.seeds for name in chosen]
-    done = {
-        (name, seed)
-        for (name, seed) in runlog.latest(
-            (r for r in runlog.read(LOG) if r.get("rounds") == args.rounds and r.get("config") == config),
-            ("row", "seed"),
-        )
-    }
+    done = set(runlog.latest(same_experiment(runlog.read(LOG), args.rounds, config), ("row", "seed")))
 
     def publish(progress: tuple[str, ...] = ()) -> str:
         """Rewrite the section from the whole log, so an interrupted run still leaves what it measured."""
-        records = [
-            r for r in runlog.read(LOG) if r.get("rounds") == args.rounds and r.get("config") == config
-        ]
+        records = same_experiment(runlog.read(LOG), args.rounds, config)
         rows = logged_rows(records, args.rounds, config)
         notes = (reuse_note, *provenance(records), ffa_note, *progress) if records else progress
         text = render(command, load, rows, args.rounds, steps, notes)
