@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
+# What the benchmarks themselves write: changes there do not make a run's code differ from its commit.
+OUTPUTS = (":(exclude)docs/BENCHMARKS.md", ":(exclude)benchmarks/results")
 
 
 def config_fingerprint(run_config: Mapping[str, Any]) -> str:
@@ -24,15 +26,15 @@ def config_fingerprint(run_config: Mapping[str, Any]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
-def git_commit() -> str:
-    """The checked-out commit (short), "+changes" when the tree differs from it; "unknown" outside git."""
+def git_commit(root: Path = ROOT) -> str:
+    """The checked-out commit (short), "+changes" when tracked code differs from it; "unknown" outside git."""
     try:
         head = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True
+            ["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True, check=True
         ).stdout.strip()
         dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=ROOT,
+            ["git", "status", "--porcelain", "--untracked-files=no", "--", ".", *OUTPUTS],
+            cwd=root,
             capture_output=True,
             text=True,
             check=True,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -120,6 +121,23 @@ def test_runlog_rejects_a_malformed_line_with_its_number(tmp_path: Path) -> None
     with pytest.raises(ValueError, match=r"runs.jsonl:2: not a JSON object"):
         runlog.read(log)
     assert runlog.read(tmp_path / "absent.jsonl") == []
+
+
+def test_git_commit_ignores_what_the_benchmarks_write(tmp_path: Path) -> None:
+    def git(*args: str) -> None:
+        subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True)
+
+    git("init", "-q")
+    (tmp_path / "docs").mkdir()
+    for name in ("docs/BENCHMARKS.md", "code.py"):
+        (tmp_path / name).write_text("one\n")
+    git("add", ".")
+    git("-c", "user.name=t", "-c", "user.email=t@example.org", "commit", "-qm", "first")
+    clean = runlog.git_commit(tmp_path)
+    (tmp_path / "docs" / "BENCHMARKS.md").write_text("a table\n")
+    assert runlog.git_commit(tmp_path) == clean and "+" not in clean
+    (tmp_path / "code.py").write_text("two\n")
+    assert runlog.git_commit(tmp_path) == clean + "+changes"
 
 
 def test_config_fingerprint_changes_with_any_setting() -> None:
