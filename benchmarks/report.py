@@ -24,6 +24,12 @@ def load_average() -> float | None:
     return os.getloadavg()[0] if hasattr(os, "getloadavg") else None
 
 
+def load_change(load_before: float | None) -> str:
+    """ "<before> before / <now> after" for the 1-minute load average; empty where there is none."""
+    after = load_average()
+    return "" if load_before is None or after is None else f"{load_before:.2f} before / {after:.2f} after"
+
+
 def machine_line(load_before: float | None) -> str:
     """nproc, CPU model, RAM, torch version and threads, and the load around the run."""
     cpu = platform.processor() or "unknown CPU"
@@ -40,12 +46,8 @@ def machine_line(load_before: float | None) -> str:
     except OSError:
         pass
     nproc = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    after = load_average()
-    load = (
-        ""
-        if load_before is None or after is None
-        else f", load average {load_before:.2f} before / {after:.2f} after"
-    )
+    change = load_change(load_before)
+    load = f", load average {change}" if change else ""
     threads = torch.get_num_threads()
     return f"nproc {nproc}, {cpu}{memory}, no GPU, torch {torch.__version__} ({threads} threads){load}"
 

@@ -34,6 +34,7 @@ if str(ROOT) not in sys.path:
 from benchmarks import runlog  # noqa: E402
 from benchmarks.report import (  # noqa: E402
     load_average,
+    load_change,
     machine_line,
     nodes_per_round,
     run_federation,
@@ -239,9 +240,9 @@ def same_experiment(records: Sequence[Mapping[str, Any]], rounds: int, config: s
     ]
 
 
-def logged_rows(records: Sequence[Mapping[str, Any]], rounds: int, config: str) -> list[Row]:
-    """Table rows from the log: the newest run per (row, seed) of this config and round count."""
-    newest = runlog.latest(same_experiment(records, rounds, config), ("row", "seed"))
+def logged_rows(records: Sequence[Mapping[str, Any]]) -> list[Row]:
+    """Table rows from one experiment's logged runs (see same_experiment): the newest per (row, seed)."""
+    newest = runlog.latest(records, ("row", "seed"))
     by_row: dict[str, dict[int, Run]] = {}
     for (name, seed), record in newest.items():
         by_row.setdefault(str(name), {})[int(seed)] = Run(
@@ -442,7 +443,7 @@ def main() -> int:
     def publish(progress: tuple[str, ...] = ()) -> str:
         """Rewrite the section from the whole log, so an interrupted run still leaves what it measured."""
         records = same_experiment(runlog.read(LOG), args.rounds, config)
-        rows = logged_rows(records, args.rounds, config)
+        rows = logged_rows(records)
         notes = (reuse_note, *provenance(records), ffa_note, *progress) if records else progress
         text = render(command, load, rows, args.rounds, steps, notes)
         if rows:
@@ -467,17 +468,12 @@ def main() -> int:
         else:
             run = run_federated(next(s for s in FEDERATED if s.name == name), args.rounds, seed)
         print(f"  {table_name}, seed {seed}: {run}", flush=True)
-        runlog.append(LOG, to_record(table_name, seed, args.rounds, config, run, _load_note(load)))
+        runlog.append(LOG, to_record(table_name, seed, args.rounds, config, run, load_change(load)))
         publish(
             (f"Partial: {index} of {len(todo)} runs of this command are done.",) if index < len(todo) else ()
         )
     print(publish())
     return 0
-
-
-def _load_note(before: float | None) -> str:
-    after = load_average()
-    return "" if before is None or after is None else f"{before:.2f} before / {after:.2f} after"
 
 
 if __name__ == "__main__":

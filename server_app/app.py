@@ -87,8 +87,8 @@ def train_config(cfg: RunConfig, server_round: int) -> ConfigRecord:
         {
             P.LOCAL_STEPS: t.local_steps,
             P.LR: round_lr(t.lr_schedule, t.lr, t.lr_min, server_round, cfg.num_server_rounds),
-            P.BATCH_SIZE: cfg.train.batch_size,
-            P.MAX_SEQ_LEN: cfg.train.max_seq_len,
+            P.BATCH_SIZE: t.batch_size,
+            P.MAX_SEQ_LEN: t.max_seq_len,
             P.SEED: cfg.seed,
             P.UPLINK_BITS: cfg.wire.uplink_bits,
             P.UPLINK_SCHEME: cfg.wire.scheme,

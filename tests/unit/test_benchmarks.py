@@ -108,7 +108,7 @@ def test_log_rows_keep_the_newest_run_per_row_and_seed(tmp_path: Path) -> None:
         )
     runlog.append(log, strategies.to_record("fedavg-fp32", 2, 5, "abc", run, ""))  # other round count
     runlog.append(log, strategies.to_record("fedavg-fp32", 3, 10, "other", run, ""))  # other config
-    (row,) = strategies.logged_rows(runlog.read(log), 10, "abc")
+    (row,) = strategies.logged_rows(strategies.same_experiment(runlog.read(log), 10, "abc"))
     assert row.seeds == [0, 1] and row.runs[0].eval_loss == 3.0 and row.wire_bits == 32 and row.ranks == "8"
 
 
