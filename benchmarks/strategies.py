@@ -169,6 +169,8 @@ class Trainer:
         match = exact_match(
             model, self.tokenizer, self.eval_set, self.cfg.task.max_new_tokens, EVAL_BATCH_SIZE
         )
+        if loss is None or match is None:
+            raise ValueError("the held-out set has no example with a response token")
         return loss, match
 
     def partitions(self) -> list[Any]:

@@ -6,26 +6,30 @@ by everything that changes the loaded model, so every round after the first only
 
 from __future__ import annotations
 
+import functools
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.common.constant import ErrorCode
 
 from pollen import protocol as P
 from pollen.adapter import Adapter, add, flatten, subtract, unflatten
-from pollen.codec import WireSpec, decode, encode
-from pollen.config import NodeConfig, RunConfig, parse_node_config, parse_run_config
+from pollen.codec import CodecError, WireSpec, decode, encode
+from pollen.config import ConfigError, NodeConfig, RunConfig, parse_node_config, parse_run_config
 from pollen.device import resolve_device
 from pollen.error_feedback import compensate, new_residual
 from pollen.model import LoraHost, load_base_model, load_tokenizer
 from pollen.training import train_steps
-from tasks.batches import sample_batches, tokenize_all
-from tasks.data import node_data
+from tasks.batches import ExampleTokenizer, sample_batches
+from tasks.data import DataError, node_data
 from tasks.embedded import resolve_model_name
 from tasks.evaluation import response_loss
+from tasks.prompts import PromptFormatError, resolve_prompt_format
 
 log = logging.getLogger("pollen")
 app = ClientApp()
@@ -46,6 +50,11 @@ class Worker:
     tokenizer: Any
     device: torch.device
 
+    def tokenizer_for(self, max_seq_len: int, prompt_format: str) -> ExampleTokenizer:
+        """Tokenizes examples as the server does: same prompt format (task.prompt-format), same cut."""
+        prompt = resolve_prompt_format(prompt_format, self.tokenizer)
+        return ExampleTokenizer(self.tokenizer, max_seq_len, prompt)
+
 
 _WORKERS: dict[tuple[Any, ...], Worker] = {}
 
@@ -62,6 +71,34 @@ def _worker(run: RunConfig, node: NodeConfig) -> Worker:
             device=resolve_device(device_name),
         )
     return _WORKERS[key]
+
+
+# Errors a node reports as their one line alone: bad input, not a bug, so no traceback.
+_EXPECTED_ERRORS = (DataError, ConfigError, PromptFormatError, CodecError, FloatingPointError, ValueError)
+Handler = Callable[[Message, Context], Message]
+
+
+def one_line_errors(handler: Handler) -> Handler:
+    """Reply to a failure with an error message of one line, ``Type: message``, that the server logs.
+
+    Without this Flower sends the whole traceback as the reason, and a simulation prints it once per
+    node and round. Unexpected exceptions still log their traceback here, on the node.
+    """
+
+    @functools.wraps(handler)
+    def wrapped(message: Message, context: Context) -> Message:
+        try:
+            return handler(message, context)
+        except Exception as exc:  # every failure becomes an error reply; the server decides what follows
+            text = str(exc).strip().splitlines()
+            line = f"{type(exc).__name__}: {text[0] if text else 'no message'}"
+            if isinstance(exc, _EXPECTED_ERRORS):
+                log.error("%s failed: %s", handler.__name__, line)
+            else:
+                log.exception("%s failed: %s", handler.__name__, line)
+            return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=line), reply_to=message)
+
+    return wrapped
 
 
 def _configs(context: Context) -> tuple[RunConfig, NodeConfig]:
@@ -86,6 +123,7 @@ def _check_instruction(message: Message, worker: Worker, node: NodeConfig) -> tu
 
 
 @app.query()
+@one_line_errors
 def handshake(message: Message, context: Context) -> Message:
     """Tell the server what this node is: its rank, partition, base model and device."""
     run, node = _configs(context)
@@ -94,6 +132,8 @@ def handshake(message: Message, context: Context) -> Message:
         {
             P.RANK: node.lora_rank,
             P.PARTITION_ID: node.partition_id,
+            P.NUM_PARTITIONS: node.num_partitions,
+            P.OWN_DATA: bool(node.data_path),
             P.FINGERPRINT: worker.host.fingerprint,
             P.QUANTIZATION: run.model.quantization,
             P.DEVICE: str(worker.device),
@@ -103,6 +143,7 @@ def handshake(message: Message, context: Context) -> Message:
 
 
 @app.train()
+@one_line_errors
 def train(message: Message, context: Context) -> Message:
     """One round of local training; replies with the (optionally quantized) delta of the factors."""
     run, node = _configs(context)
@@ -114,7 +155,9 @@ def train(message: Message, context: Context) -> Message:
     worker.host.write(received)
     train_a = bool(config.get(P.TRAIN_A, True))
     train_set, _ = node_data(run.task, node.partition_id, node.num_partitions, run.seed, node.data_path)
-    examples = tokenize_all(worker.tokenizer, train_set, P.config_int(config, P.MAX_SEQ_LEN))
+    tokenize = worker.tokenizer_for(P.config_int(config, P.MAX_SEQ_LEN), run.task.prompt_format)
+    tokenized = [tokenize(example) for example in train_set]
+    examples = [e for e in tokenized if e.has_response]
     server_round = P.config_int(config, P.ROUND)
     seed = run.seed * 100_003 + server_round * 1_009 + node.partition_id
     generator = torch.Generator().manual_seed(seed)
@@ -149,6 +192,7 @@ def train(message: Message, context: Context) -> Message:
     metrics = MetricRecord(
         {
             P.NUM_EXAMPLES: len(examples),
+            P.NUM_PROMPT_CUT: sum(e.prompt_cut > 0 for e in tokenized),
             P.TRAIN_LOSS: result.mean_loss,
             P.TRAIN_SECONDS: result.seconds,
             P.PEAK_RSS_MB: peak_rss_mb(),
@@ -167,6 +211,7 @@ def train(message: Message, context: Context) -> Message:
 
 
 @app.evaluate()
+@one_line_errors
 def evaluate(message: Message, context: Context) -> Message:
     """Loss of the received global adapter on this node's held-back examples."""
     run, node = _configs(context)
@@ -176,11 +221,16 @@ def evaluate(message: Message, context: Context) -> Message:
     worker.host.activate(rank)
     worker.host.write(received)
     _, local_eval = node_data(run.task, node.partition_id, node.num_partitions, run.seed, node.data_path)
-    examples = tokenize_all(worker.tokenizer, local_eval, P.config_int(config, P.MAX_SEQ_LEN))
+    tokenize = worker.tokenizer_for(P.config_int(config, P.MAX_SEQ_LEN), run.task.prompt_format)
+    examples = [e for e in map(tokenize, local_eval) if e.has_response]
     loss = response_loss(
         worker.host.model, examples, worker.tokenizer.pad_token_id, P.config_int(config, P.BATCH_SIZE)
     )
-    metrics = MetricRecord({P.NUM_EXAMPLES: len(examples), P.EVAL_LOSS: loss})
+    # No examples, no loss: a weight of 0 tells the server to leave this node out of the mean.
+    figures: dict[str, int | float] = {P.NUM_EXAMPLES: 0}
+    if loss is not None:
+        figures = {P.NUM_EXAMPLES: len(examples), P.EVAL_LOSS: loss}
+    metrics = MetricRecord(dict(figures))
     return Message(content=RecordDict({P.METRICS: metrics}), reply_to=message)
 
 

@@ -17,6 +17,8 @@ from pollen.schedule import SCHEDULES
 QUANTIZATIONS = ("4bit", "8bit", "none")
 COMPUTE_DTYPES = ("auto", "float32", "bfloat16", "float16")
 PARTITIONERS = ("dirichlet", "iid")
+PROMPT_FORMATS = ("auto", "alpaca", "chat")  # tasks/prompts.py
+TASK_METRICS = ("auto", "exact", "label", "choice", "loss")  # tasks/metrics.py
 STRATEGIES = ("fedavg", "zeropad", "flora", "flexlora", "ffa")
 WIRE_BITS = (32, 16, 8, 4)
 WIRE_SCHEMES = ("absmax", "nf4")
@@ -32,7 +34,7 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class ModelConfig:
-    name: str  # "embedded", a local folder, or a Hugging Face id
+    name: str  # "embedded", "smollm2-135m", a local folder, or a Hugging Face id
     quantization: str  # one of QUANTIZATIONS
     device: str  # "auto", "cpu", "cuda", "cuda:N"
     compute_dtype: str  # one of COMPUTE_DTYPES
@@ -66,6 +68,10 @@ class TaskConfig:
     num_train: int
     num_eval: int
     max_new_tokens: int
+    eval_path: str = ""  # a local file that is the server's held-out set ("" = cut num_eval from the data)
+    prompt_format: str = "auto"  # one of PROMPT_FORMATS
+    metric: str = "auto"  # one of TASK_METRICS
+    labels: tuple[str, ...] = ()  # the label set of a label task; () = the distinct outputs of the data
 
 
 @dataclass(frozen=True)
@@ -165,7 +171,9 @@ _RUN_KEYS: dict[str, _Key] = {
     ),
     "output.resume": _Key(bool, accepted="true or false"),
     "model.name": _Key(
-        str, lambda v: v.strip() != "", "'embedded', a local model folder, or a Hugging Face id"
+        str,
+        lambda v: v.strip() != "",
+        "'embedded', 'smollm2-135m', a local model folder, or a Hugging Face id",
     ),
     "model.quantization": _one_of(QUANTIZATIONS),
     "model.device": _Key(str, _device_ok, "'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'"),
@@ -175,8 +183,11 @@ _RUN_KEYS: dict[str, _Key] = {
     "lora.dropout": _Key(float, lambda v: 0.0 <= v < 1.0, "a number from 0.0 up to (not including) 1.0"),
     "lora.target-modules": _Key(
         str,
-        lambda v: all(part.strip() for part in v.split(",")),
-        "comma-separated module names such as 'q_proj,v_proj'",
+        lambda v: (
+            v.strip() == "all-linear" or all(part.strip() not in ("", "all-linear") for part in v.split(","))
+        ),
+        "'all-linear' (every linear layer but the output head) or comma-separated module names "
+        "such as 'q_proj,v_proj'",
     ),
     "train.local-steps": _POSITIVE_INT,
     "train.lr": _Key(float, lambda v: 0 < v < 1, "a number between 0 and 1"),
@@ -188,12 +199,20 @@ _RUN_KEYS: dict[str, _Key] = {
         str, lambda v: v.strip() != "", "'synthetic', 'alpaca', 'finance', 'medical', 'code' or a dataset id"
     ),
     "task.data-path": _Key(str),
+    "task.eval-path": _Key(str, accepted="a local .json, .jsonl, .csv or .parquet file, or empty"),
     "task.partitioner": _one_of(PARTITIONERS),
     "task.alpha": _Key(float, lambda v: v > 0, "a number > 0"),
     "task.partition-by": _Key(str, lambda v: v.strip() != "", "a column name"),
     "task.num-train": _Key(int, lambda v: v >= 10, "an integer >= 10"),
     "task.num-eval": _POSITIVE_INT,
     "task.max-new-tokens": _POSITIVE_INT,
+    "task.prompt-format": _one_of(PROMPT_FORMATS),
+    "task.metric": _one_of(TASK_METRICS),
+    "task.labels": _Key(
+        str,
+        lambda v: v.strip() == "" or all(part.strip() for part in v.split(",")),
+        "comma-separated labels such as 'positive,negative,neutral', or empty",
+    ),
     "strategy.name": _one_of(STRATEGIES),
     "strategy.fraction-train": _Key(float, lambda v: 0.0 < v <= 1.0, "a number above 0.0, up to 1.0"),
     "strategy.fraction-evaluate": _FRACTION,
@@ -273,6 +292,11 @@ def parse_run_config(run_config: Mapping[str, Any]) -> RunConfig:
                 f"train.lr-min={values['train.lr-min']} is above train.lr={values['train.lr']}: "
                 "the cosine schedule decays from train.lr down to train.lr-min, so use a smaller value"
             )
+        if values["task.labels"].strip() and values["task.metric"] not in ("auto", "label"):
+            problems.append(
+                f"task.labels={values['task.labels']!r} is set but task.metric={values['task.metric']!r} "
+                "does not use labels: set task.metric='label' (or 'auto'), or leave task.labels empty"
+            )
         if values["output.resume"] and not values["output.run-name"]:
             problems.append("output.resume=true needs output.run-name: name the run folder to continue")
         if values["wire.scheme"] == "nf4" and 4 not in (
@@ -320,6 +344,10 @@ def parse_run_config(run_config: Mapping[str, Any]) -> RunConfig:
             num_train=v["task.num-train"],
             num_eval=v["task.num-eval"],
             max_new_tokens=v["task.max-new-tokens"],
+            eval_path=v["task.eval-path"],
+            prompt_format=v["task.prompt-format"],
+            metric=v["task.metric"],
+            labels=tuple(p.strip() for p in v["task.labels"].split(",")) if v["task.labels"].strip() else (),
         ),
         strategy=StrategyConfig(
             name=v["strategy.name"],

@@ -31,7 +31,7 @@ def check_model_available(name_or_path: str) -> None:
         if not (path / "config.json").is_file():
             raise ModelNotFoundError(
                 f"model.name={name_or_path!r} is not a model folder: expected {path / 'config.json'} "
-                "(a folder saved with save_pretrained), 'embedded', or a Hugging Face id"
+                "(a folder saved with save_pretrained), 'embedded', 'smollm2-135m', or a Hugging Face id"
             )
         return
     from transformers import AutoConfig
@@ -42,7 +42,8 @@ def check_model_available(name_or_path: str) -> None:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelNotFoundError(
             f"model.name={name_or_path!r} could not be found: it is not a local folder and the Hugging Face "
-            f"hub or cache did not provide it ({reason}); use 'embedded', a local folder, or a reachable id"
+            f"hub or cache did not provide it ({reason}); use 'embedded', 'smollm2-135m', a local folder, "
+            "or a reachable id"
         ) from exc
 
 
@@ -93,6 +94,161 @@ def keep_4bit_layers_trainable(model: torch.nn.Module) -> None:
             setattr(module, "support_avx512bf16_for_cpu", False)  # noqa: B010 (keeps mypy off Module.__setattr__)
 
 
+def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
+    """Recompute every decoder layer's activations in the backward pass instead of storing them.
+
+    Non-reentrant checkpointing (``use_reentrant=False``) carries gradients to the LoRA factors inside
+    a layer even though the layer's input (the frozen embeddings' output) needs no gradient, so the
+    4-bit base needs no ``enable_input_require_grads``; it also replays the RNG, so LoRA dropout draws
+    the same mask twice. transformers applies it only in training mode with gradients enabled:
+    evaluation and generation on the same model run as before.
+    """
+    enable = getattr(model, "activation_checkpointing_enable", None) or getattr(
+        model, "gradient_checkpointing_enable", None
+    )
+    if not callable(enable) or not getattr(model, "supports_gradient_checkpointing", False):
+        raise ValueError(
+            f"train.gradient-checkpointing=true: {type(model).__name__} does not support gradient "
+            "checkpointing; set it to false"
+        )
+    enable({"use_reentrant": False})
+
+
+# ---- LoRA targets ---------------------------------------------------------------------------------
+ALL_LINEAR = "all-linear"  # lora.target-modules: every linear layer except the output head (PEFT's meaning)
+
+
+class TargetModulesError(ValueError):
+    """``lora.target-modules`` does not fit the base model; the one-line message lists the layers it has."""
+
+
+def linear_shape(module: torch.nn.Module) -> tuple[int, int] | None:
+    """``(in_features, out_features)`` of a layer LoRA can adapt as a linear map; None for other modules.
+
+    Covers ``nn.Linear`` and its bitsandbytes subclasses (read from attributes: a packed 4-bit weight
+    has no useful shape), GPT-2's ``Conv1D`` (weight stored (in, out)), and a PEFT LoRA layer wrapping
+    either, so a fingerprint taken after wrapping equals the one taken before.
+    """
+    from transformers.pytorch_utils import Conv1D
+
+    if isinstance(module, torch.nn.Linear):
+        return int(module.in_features), int(module.out_features)
+    if isinstance(module, Conv1D):
+        fan_in, fan_out = module.weight.shape  # (in_features, out_features)
+        return int(fan_in), int(fan_out)
+    base = getattr(module, "base_layer", None)  # PEFT keeps the original layer here
+    return linear_shape(base) if isinstance(base, torch.nn.Module) else None
+
+
+def _linear_layers(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module, tuple[int, int]]]:
+    """(path, module, (in, out)) of every linear layer, in model order."""
+    found = []
+    for path, module in model.named_modules():
+        shape = linear_shape(module)
+        if path and shape is not None:
+            found.append((path, module, shape))
+    return found
+
+
+def _leaf(path: str) -> str:
+    return path.rsplit(".", 1)[-1]
+
+
+def linear_layer_names(model: torch.nn.Module) -> tuple[str, ...]:
+    """Distinct leaf names of the (unwrapped) model's linear layers, output head included, in model order."""
+    return tuple(dict.fromkeys(_leaf(path) for path, _, _ in _linear_layers(model)))
+
+
+def _all_linear(model: torch.nn.Module) -> tuple[str, ...]:
+    """What 'all-linear' means for this model: the linear layers' leaf names, the output head left out."""
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
+    return tuple(
+        dict.fromkeys(_leaf(path) for path, module, _ in _linear_layers(model) if module is not head)
+    )
+
+
+def _targeted_layers(model: torch.nn.Module, target_modules: tuple[str, ...]) -> list[tuple[str, int, int]]:
+    """(path, in, out) of every linear layer whose leaf name is a target ('all-linear' expanded)."""
+    names = set(_all_linear(model) if tuple(target_modules) == (ALL_LINEAR,) else target_modules)
+    return [
+        (path, fan_in, fan_out)
+        for path, _, (fan_in, fan_out) in _linear_layers(model)
+        if _leaf(path) in names
+    ]
+
+
+def resolve_target_modules(model: torch.nn.Module, requested: tuple[str, ...]) -> tuple[str, ...]:
+    """The concrete leaf names LoRA adapts: 'all-linear' expanded, or the names given, each checked.
+
+    Server and nodes resolve on the same architecture, so PEFT's config, the fingerprint and the
+    adapter keys agree whatever each side's quantization. Raises :class:`TargetModulesError`.
+    """
+    joined = ",".join(requested)
+    present = linear_layer_names(model)
+    if not present:
+        raise TargetModulesError(
+            f"lora.target-modules={joined!r}: this model has no linear layer LoRA can adapt "
+            "(torch Linear, bitsandbytes Linear4bit/Linear8bitLt or transformers Conv1D)"
+        )
+    if tuple(requested) == (ALL_LINEAR,):
+        chosen = _all_linear(model)
+        if not chosen:
+            raise TargetModulesError(
+                f"lora.target-modules='{ALL_LINEAR}': this model's only linear layer is its output head "
+                f"({', '.join(present)}); name it explicitly to adapt it"
+            )
+        return chosen
+    if ALL_LINEAR in requested:
+        raise TargetModulesError(
+            f"lora.target-modules={joined!r} mixes '{ALL_LINEAR}' with module names: use '{ALL_LINEAR}' "
+            "alone, or list module names only"
+        )
+    missing = [name for name in dict.fromkeys(requested) if name not in present]
+    if missing or not requested:
+        which = ", ".join(repr(name) for name in missing) or "no name"
+        raise TargetModulesError(
+            f"lora.target-modules={joined!r}: {which} {'matches' if len(missing) < 2 else 'match'} no linear "
+            f"layer of this model; its linear layers are {', '.join(present)} "
+            f"(name some of them, or use '{ALL_LINEAR}')"
+        )
+    return tuple(dict.fromkeys(requested))
+
+
+def check_target_modules(name_or_path: str, requested: tuple[str, ...]) -> tuple[str, ...]:
+    """:func:`resolve_target_modules` on the model's architecture alone, built without weights.
+
+    For the server's preflight: a bad ``lora.target-modules`` is reported with the other config
+    problems, before any weight is read or the run folder is written.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(name_or_path)
+        with torch.device("meta"):  # shapes and names only: no memory, no initialisation cost
+            skeleton = AutoModelForCausalLM.from_config(config)
+    except (OSError, ValueError, KeyError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelNotFoundError(
+            f"model.name={name_or_path!r}: transformers cannot build a causal LM from its config ({reason})"
+        ) from exc
+    return resolve_target_modules(skeleton, requested)
+
+
+def _stores_weights_transposed(model: torch.nn.Module, target_modules: tuple[str, ...]) -> bool:
+    """True when the targets are GPT-2 ``Conv1D`` layers (full precision): PEFT then needs fan_in_fan_out.
+
+    bitsandbytes replaces ``Conv1D`` by ``Linear4bit``/``Linear8bitLt`` when quantizing, and those
+    store their weight (out, in) like any linear layer, so a quantized GPT-2 answers False.
+    """
+    from transformers.pytorch_utils import Conv1D
+
+    names = set(target_modules)
+    return any(
+        isinstance(module, Conv1D) for path, module, _ in _linear_layers(model) if _leaf(path) in names
+    )
+
+
 def model_fingerprint(model: torch.nn.Module, target_modules: tuple[str, ...]) -> str:
     """A short hash of the architecture and of every LoRA target's shape.
 
@@ -104,22 +260,14 @@ def model_fingerprint(model: torch.nn.Module, target_modules: tuple[str, ...]) -
         key: getattr(config, key, None)
         for key in ("model_type", "hidden_size", "num_hidden_layers", "vocab_size", "intermediate_size")
     }
-    shapes = []
-    for name, module in model.named_modules():
-        if name.split(".")[-1] in target_modules and hasattr(module, "in_features"):
-            shapes.append((name, int(module.in_features), int(module.out_features)))
-    summary["targets"] = sorted(shapes)
+    summary["targets"] = sorted(_targeted_layers(model, target_modules))
     digest = hashlib.sha256(json.dumps(summary, sort_keys=True).encode()).hexdigest()
     return digest[:16]
 
 
 def count_target_modules(model: torch.nn.Module, target_modules: tuple[str, ...]) -> int:
     """How many linear layers LoRA would adapt; 0 means the target names do not fit this model."""
-    return sum(
-        1
-        for name, module in model.named_modules()
-        if name.split(".")[-1] in target_modules and hasattr(module, "in_features")
-    )
+    return len(_targeted_layers(model, target_modules))
 
 
 @dataclass(frozen=True)
@@ -134,16 +282,21 @@ class AdapterSlot:
 class LoraHost:
     """One base model carrying one PEFT LoRA adapter per rank; exactly one is active at a time."""
 
-    def __init__(self, base: torch.nn.Module, lora: LoraConfig, seed: int = 0) -> None:
-        if count_target_modules(base, lora.target_modules) == 0:
-            raise ValueError(
-                f"lora.target-modules={','.join(lora.target_modules)!r} matches no linear layer of this "
-                "model; "
-                "name layers it has, e.g. 'q_proj,v_proj' for Llama-style models"
-            )
+    def __init__(
+        self, base: torch.nn.Module, lora: LoraConfig, seed: int = 0, gradient_checkpointing: bool = False
+    ) -> None:
+        """Resolve the LoRA targets on ``base`` (raises :class:`TargetModulesError` when they do not fit).
+
+        ``gradient_checkpointing`` (train.gradient-checkpointing) recomputes each decoder layer in the
+        backward pass instead of keeping its activations; it acts in training only, never in evaluation.
+        """
+        self.target_modules = resolve_target_modules(base, lora.target_modules)
+        if gradient_checkpointing:
+            enable_gradient_checkpointing(base)
         self.lora = lora
         self.seed = seed
-        self.fingerprint = model_fingerprint(base, lora.target_modules)
+        self.fingerprint = model_fingerprint(base, self.target_modules)
+        self._fan_in_fan_out = _stores_weights_transposed(base, self.target_modules)
         self._base = base
         self._model: Any = None
         self._slots: dict[int, AdapterSlot] = {}
@@ -163,7 +316,8 @@ class LoraHost:
             r=rank,
             lora_alpha=self.lora.alpha,  # type: ignore[arg-type]  # PEFT annotates int, uses it as a float
             lora_dropout=self.lora.dropout,
-            target_modules=list(self.lora.target_modules),
+            target_modules=list(self.target_modules),
+            fan_in_fan_out=self._fan_in_fan_out,
             bias="none",
             task_type="CAUSAL_LM",
         )

@@ -20,7 +20,7 @@ import torch
 
 from pollen.config import QUANTIZATIONS, LoraConfig, ModelConfig
 
-DEFAULT_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
+DEFAULT_TARGETS = "all-linear"  # the run config's lora.target-modules default (pollen.model.ALL_LINEAR)
 GB = 1024**3
 
 
@@ -192,7 +192,7 @@ def _quiet_libraries() -> None:
 def run_checks(args: argparse.Namespace, report: Report) -> None:
     """Fill ``report``; raise :class:`Unusable` at the first problem that stops this node joining."""
     from pollen.device import resolve_device
-    from pollen.model import LoraHost, check_model_available, load_base_model
+    from pollen.model import LoraHost, TargetModulesError, check_model_available, load_base_model
     from tasks.embedded import resolve_model_name
 
     _quiet_libraries()
@@ -220,7 +220,7 @@ def run_checks(args: argparse.Namespace, report: Report) -> None:
         from tasks.data import DataError, load_file
 
         try:
-            data = load_file(args.data_path)
+            data = load_file(args.data_path, key="--data-path")
         except DataError as exc:
             raise Unusable(str(exc)) from None
         report.add("data", f"{args.data_path}: {len(data)} rows, columns {', '.join(data.column_names)}")
@@ -235,6 +235,8 @@ def run_checks(args: argparse.Namespace, report: Report) -> None:
         base = load_base_model(path, model_config, device_override=str(device))
         targets = tuple(t.strip() for t in args.target_modules.split(",") if t.strip())
         host = LoraHost(base, LoraConfig(args.lora_rank, 2.0 * args.lora_rank, 0.0, targets))
+    except TargetModulesError as exc:
+        raise Unusable(str(exc).replace("lora.target-modules=", "--target-modules ")) from None
     except (OSError, ValueError, RuntimeError) as exc:
         raise Unusable(f"base model {args.model!r} does not load: {str(exc).splitlines()[0]}") from None
     footprint_of: Any = getattr(base, "get_memory_footprint", None)  # transformers models have it
@@ -294,7 +296,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--lora-rank", type=int, default=8, help="the rank this node will train")
     parser.add_argument("--device", default="auto", help="'auto', 'cpu', 'cuda' or 'cuda:N'")
     parser.add_argument("--max-seq-len", type=int, default=128, help="tokens per training example")
-    parser.add_argument("--target-modules", default=DEFAULT_TARGETS, help="comma-separated LoRA targets")
+    parser.add_argument(
+        "--target-modules", default=DEFAULT_TARGETS, help="'all-linear' or comma-separated LoRA targets"
+    )
     parser.add_argument("--max-rank", type=int, default=64, help="largest rank to try")
     parser.add_argument("--max-batch", type=int, default=32, help="largest batch size to try")
     parser.add_argument(

@@ -1,4 +1,9 @@
-"""The local training loop: a fixed number of AdamW steps on the active LoRA adapter."""
+"""The local training loop: a fixed number of AdamW steps on the active LoRA adapter.
+
+The loss covers response tokens only, and the model computes logits only at the positions that predict
+one (``logits_to_keep``): a prompt position costs no full-vocabulary row of logits, nor its float32 copy
+and gradient, which for a real vocabulary (49k for SmolLM2) is most of a step's activation memory.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +13,34 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
+
+IGNORE_INDEX = -100  # label value the loss skips (prompt and padding positions)
+
+
+def response_cross_entropy(
+    model: torch.nn.Module, batch: dict[str, torch.Tensor]
+) -> tuple[torch.Tensor, int]:
+    """(summed cross-entropy over the batch's response tokens, their count), logits only where needed.
+
+    Token t+1 is predicted at position t; only positions whose next token is a response token in
+    some row of the batch get logits. Models whose forward has no ``logits_to_keep`` get full logits.
+    """
+    targets = batch["labels"][:, 1:]  # (batch, seq-1): the token each position predicts
+    keep = (targets != IGNORE_INDEX).any(dim=0).nonzero().squeeze(1)  # (kept,) positions
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    try:
+        logits = model(**inputs, logits_to_keep=keep).logits  # (batch, kept, vocab)
+        picked = targets[:, keep]  # (batch, kept)
+    except TypeError:  # an architecture without logits_to_keep
+        logits = model(**inputs).logits[:, :-1, :]  # (batch, seq-1, vocab)
+        picked = targets
+    loss = torch.nn.functional.cross_entropy(
+        logits.float().reshape(-1, logits.shape[-1]),
+        picked.reshape(-1),
+        ignore_index=IGNORE_INDEX,
+        reduction="sum",
+    )
+    return loss, int((picked != IGNORE_INDEX).sum())
 
 
 @dataclass(frozen=True)
@@ -36,7 +69,8 @@ def train_steps(
     start = time.perf_counter()
     for step in range(steps):
         batch = {k: v.to(device) for k, v in next(batches).items()}
-        loss = model(**batch).loss
+        total, count = response_cross_entropy(model, batch)
+        loss = total / max(count, 1)
         if not math.isfinite(loss.item()):
             raise FloatingPointError(f"training loss became {loss.item()} at step {step + 1}; lower train.lr")
         loss.backward()

@@ -258,7 +258,10 @@ def exact_match_by_skill(model: Any, tokenizer: Any, test: Any) -> dict[str, flo
     result, hits = {}, 0.0
     for skill in SKILLS:
         subset = test.filter(lambda row, s=skill: row["skill"] == s)
-        result[skill] = exact_match(model, tokenizer, subset, max_new_tokens=12, batch_size=50)
+        score = exact_match(model, tokenizer, subset, max_new_tokens=12, batch_size=50)
+        if score is None:
+            raise ValueError(f"the test set holds no {skill!r} example")
+        result[skill] = score
         hits += result[skill] * len(subset)
     return {"all": hits / len(test), **result}
 
@@ -325,6 +328,8 @@ def verify(
 
     result["loss_after"] = response_loss(model, test_rows, pad_id, batch_size=50)
     result["exact_match_after"] = exact_match_by_skill(model, tokenizer, test)
+    if result["loss_before"] is None or result["loss_after"] is None:
+        raise ValueError("no test example carries a response token at 128 tokens")
     result["loss_drop"] = 1 - result["loss_after"] / result["loss_before"]
     result["median_step_seconds"] = sorted(step_times)[len(step_times) // 2]
     return result

@@ -5,7 +5,9 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from typing import Any
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any, NoReturn
 
 from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
@@ -13,7 +15,14 @@ from flwr.serverapp import Grid, ServerApp
 from pollen import protocol as P
 from pollen.codec import WireSpec
 from pollen.config import ConfigError, RunConfig, parse_run_config
-from pollen.model import LoraHost, check_model_available, load_base_model, load_tokenizer
+from pollen.model import (
+    LoraHost,
+    TargetModulesError,
+    check_model_available,
+    check_target_modules,
+    load_base_model,
+    load_tokenizer,
+)
 from pollen.schedule import round_lr
 from server_app.artifacts import CHECKPOINT_DIR, RunFolder, check_run_folder_free, run_folder_path
 from server_app.checkpoint import (
@@ -24,13 +33,16 @@ from server_app.checkpoint import (
     save_checkpoint,
 )
 from server_app.evaluation import Evaluator, load_global
+from server_app.failures import FederationError
 from server_app.nodes import NodeDirectory
 from server_app.rounds import progress_line, run_round
 from strategies.base import LoraStrategy, StrategySettings, adapter_to_record
 from strategies.registry import build_strategy
-from tasks.batches import tokenize_all
-from tasks.data import DataError, check_data_source, held_out, load_pool_and_eval
+from tasks.batches import ExampleTokenizer
+from tasks.checks import DataCheck, check_partitions, check_task_data
+from tasks.data import DataError, check_data_source, held_out
 from tasks.embedded import resolve_model_name
+from tasks.prompts import ALPACA, PromptFormat, PromptFormatError, format_response, resolve_prompt_format
 
 log = logging.getLogger("pollen")
 app = ServerApp()
@@ -46,25 +58,49 @@ def _setup_logging() -> None:
         log.propagate = False
 
 
-def preflight(run_config: dict[str, Any]) -> tuple[RunConfig, str]:
+@dataclass(frozen=True)
+class Prepared:
+    """What the preflight checked and the run uses: config, model path, tokenizer, prompt format, data."""
+
+    cfg: RunConfig
+    model_path: str
+    tokenizer: Any
+    prompt: PromptFormat
+    data: DataCheck
+
+
+def preflight(run_config: dict[str, Any]) -> Prepared:
     """Every check that can fail on user input, before anything is written or trained.
 
-    Returns the parsed config and the base model's loadable path; raises ConfigError with one
-    line per problem.
+    Raises ConfigError with one line per problem: configuration, model, prompt format, data files,
+    columns, lengths against train.max-seq-len, the metric, and the run folder.
     """
     cfg = parse_run_config(run_config)
     problems: list[str] = []
-    model_path = ""
+    model_path, tokenizer, prompt = "", None, ALPACA
     try:
         model_path = resolve_model_name(cfg.model.name)
         check_model_available(model_path)
-    except (FileNotFoundError, OSError) as exc:
+        tokenizer = load_tokenizer(model_path)
+        prompt = resolve_prompt_format(cfg.task.prompt_format, tokenizer)
+    except PromptFormatError as exc:
         problems.append(str(exc))
+    except (OSError, ValueError) as exc:  # a missing model, or one whose tokenizer does not load
+        problems.append(str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
+    if tokenizer is not None:
+        try:  # on the architecture alone (no weights): the layer names the model has
+            check_target_modules(model_path, cfg.lora.target_modules)
+        except (TargetModulesError, OSError) as exc:
+            problems.append(str(exc))
+    data = DataCheck()
     try:
         check_data_source(cfg.task)
-        load_pool_and_eval(cfg.task, cfg.seed)
     except DataError as exc:
         problems.append(str(exc))
+    else:
+        if tokenizer is not None:
+            data = check_task_data(cfg.task, cfg.seed, tokenizer, cfg.train.max_seq_len, prompt)
+            problems.extend(data.problems)
     run_dir = run_folder_path(cfg.output.dir, cfg.output.run_name)
     try:
         if not cfg.output.resume:
@@ -77,7 +113,7 @@ def preflight(run_config: dict[str, Any]) -> tuple[RunConfig, str]:
         problems.append(str(exc))
     if problems:
         raise ConfigError(problems)
-    return cfg, model_path
+    return Prepared(cfg=cfg, model_path=model_path, tokenizer=tokenizer, prompt=prompt, data=data)
 
 
 def train_config(cfg: RunConfig, server_round: int) -> ConfigRecord:
@@ -98,28 +134,80 @@ def train_config(cfg: RunConfig, server_round: int) -> ConfigRecord:
     )
 
 
+def _stop(problems: list[str], code: int = 2, topic: str = "config") -> NoReturn:
+    """End the ServerApp before round 1 with one log line per problem (nothing has been written)."""
+    for problem in problems:
+        log.error("%s: %s", topic, problem)
+    raise SystemExit(code)
+
+
+def build_evaluator(prep: Prepared, host: LoraHost) -> Evaluator:
+    """The central evaluator over the held-out set, tokenized and scored as the preflight checked."""
+    cfg = prep.cfg
+    tokenize = ExampleTokenizer(prep.tokenizer, cfg.train.max_seq_len, prep.prompt)
+    pairs = [(tokenize(e), format_response(e)) for e in held_out(cfg.task, cfg.seed)]
+    pairs = [(example, reference) for example, reference in pairs if example.has_response]
+    return Evaluator(
+        host=host,
+        tokenizer=prep.tokenizer,
+        examples=[example for example, _ in pairs],
+        references=[reference for _, reference in pairs],
+        metric=prep.data.metric,
+        max_new_tokens=cfg.task.max_new_tokens,
+        labels=prep.data.labels,
+        prompt=prep.prompt,
+    )
+
+
+def evaluation_row(evaluate: Evaluator, global_record: ArrayRecord, data: DataCheck) -> dict[str, Any]:
+    """The evaluation figures of a metrics row, with a warning for each figure there was nothing for."""
+    figures: dict[str, Any] = dict(evaluate(global_record))
+    for name, value in figures.items():
+        if value is None:
+            log.warning("evaluation: %s is n/a: no held-out example carries a response token", name)
+    figures["metric"] = evaluate.metric
+    if data.majority is not None:
+        figures["majority_baseline"] = data.majority
+    return figures
+
+
+def check_data_split(cfg: RunConfig, nodes: NodeDirectory) -> None:
+    """Before round 1: the pool splits into partitions big enough for every admitted node; else stop."""
+    try:
+        for count in nodes.partition_counts():
+            log.info(check_partitions(cfg.task, count, cfg.seed))
+    except DataError as exc:
+        _stop([str(exc)])
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Run ``num-server-rounds`` rounds of federated LoRA fine-tuning."""
     _setup_logging()
     try:
-        cfg, model_path = preflight(dict(context.run_config))
+        prep = preflight(dict(context.run_config))
     except ConfigError as exc:
-        for problem in exc.problems:
-            log.error("config: %s", problem)
-        raise SystemExit(2) from None
+        _stop(exc.problems)
+    cfg, model_path = prep.cfg, prep.model_path
+    for note in prep.data.notes:
+        log.warning("data: %s", note)
+    baseline = "" if prep.data.majority is None else f"; majority-label baseline {prep.data.majority:.3f}"
+    log.info("prompt format %s; held-out metric %s%s", prep.prompt.name, prep.data.metric, baseline)
 
     folder = RunFolder(run_folder_path(cfg.output.dir, cfg.output.run_name))
     log.info("loading base model %s (%s)", cfg.model.name, cfg.model.quantization)
-    host = LoraHost(load_base_model(model_path, cfg.model), cfg.lora, seed=cfg.seed)
-    tokenizer = load_tokenizer(model_path)
-    eval_set = held_out(cfg.task, cfg.seed)
-    examples = tokenize_all(tokenizer, eval_set, cfg.train.max_seq_len)
-    evaluate = Evaluator(host, tokenizer, eval_set, examples, cfg.task.max_new_tokens)
+    try:
+        host = LoraHost(load_base_model(model_path, cfg.model), cfg.lora, seed=cfg.seed)
+    except TargetModulesError as exc:
+        _stop([str(exc)])
+    evaluate = build_evaluator(prep, host)
     strategy = build_strategy(cfg.strategy.name, strategy_settings(cfg, host.fingerprint))
     nodes = NodeDirectory(host.fingerprint, cfg.strategy.rank_plan, cfg.lora.rank)
     wait_for_nodes(grid, cfg.strategy.min_nodes, cfg.strategy.round_timeout)
     nodes.discover(grid, timeout=cfg.strategy.round_timeout)
+    if not nodes.ranks:
+        _stop([no_node_joined(nodes)], code=1, topic="federation")
+    check_data_split(cfg, nodes)
     admit(strategy, nodes)
 
     meta = {"fingerprint": host.fingerprint, "strategy": cfg.strategy.name}
@@ -129,40 +217,55 @@ def main(grid: Grid, context: Context) -> None:
         global_record = ArrayRecord(dict(checkpoint.adapter))
         rows = list(checkpoint.metrics)
         folder.rewrite_metrics(rows)  # drops any line of a round that was in flight
+        folder.mark("running", server_round=checkpoint.round)
         log.info("resuming %s after round %d", folder.path, checkpoint.round)
     else:
         global_rank = strategy.global_rank(sorted(set(strategy.node_ranks.values())))
         host.activate(global_rank)
         global_record = adapter_to_record(strategy.initial_global(host.read()))
         folder.create({"run_config": cfg.to_dict(), "base_model_path": model_path, **meta})
+        folder.mark("running", server_round=0)
         log.info("run folder %s", folder.path)
-        base_loss, base_match = evaluate(global_record)
-        log.info("round 0 (base + initial adapter): eval_loss %.4f | exact_match %.3f", base_loss, base_match)
+        round0 = evaluation_row(evaluate, global_record, prep.data)
+        log.info("round 0 (base + initial adapter): %s", evaluation_text(round0, evaluate.figure_name()))
     strategy.summary()
 
-    for server_round in range(len(rows) + 1, cfg.num_server_rounds + 1):
-        started = time.perf_counter()
-        if nodes.discover(grid, timeout=cfg.strategy.round_timeout):
-            admit(strategy, nodes)
-        global_record, row = run_round(
-            grid,
-            strategy,
-            server_round,
-            global_record,
-            train_config(cfg, server_round),
-            cfg.strategy.round_timeout,
-        )
-        loss, match = evaluate(global_record)
-        row.update(eval_loss=loss, exact_match=match, round_seconds=time.perf_counter() - started)
-        rows.append(row)
-        folder.append_metrics(row)
-        save_checkpoint(
-            folder.path / CHECKPOINT_DIR,
-            Checkpoint(
-                round=server_round, adapter=dict(global_record.to_torch_state_dict()), metrics=rows, meta=meta
-            ),
-        )
-        log.info(progress_line(row, cfg.num_server_rounds))
+    server_round = len(rows)
+    try:
+        for server_round in range(len(rows) + 1, cfg.num_server_rounds + 1):
+            started = time.perf_counter()
+            if nodes.discover(grid, timeout=cfg.strategy.round_timeout):
+                admit(strategy, nodes)
+            global_record, row = run_round(
+                grid,
+                strategy,
+                server_round,
+                global_record,
+                train_config(cfg, server_round),
+                cfg.strategy.round_timeout,
+            )
+            row.update(evaluation_row(evaluate, global_record, prep.data))
+            row["round_seconds"] = time.perf_counter() - started
+            rows.append(row)
+            folder.append_metrics(row)
+            save_checkpoint(
+                folder.path / CHECKPOINT_DIR,
+                Checkpoint(
+                    round=server_round,
+                    adapter=dict(global_record.to_torch_state_dict()),
+                    metrics=rows,
+                    meta=meta,
+                ),
+            )
+            log.info(progress_line(row, cfg.num_server_rounds, evaluate.figure_name()))
+    except FederationError as exc:
+        folder.mark("failed", reason=str(exc), server_round=server_round)
+        log.error("%s", exc)
+        log.error("run stopped; %s is marked failed (status.json)", folder.path)
+        raise SystemExit(1) from None
+    except BaseException as exc:
+        folder.mark("failed", reason=f"{type(exc).__name__}: {exc}", server_round=server_round)
+        raise
 
     load_global(host, global_record)
     adapter_dir = folder.save_adapter(
@@ -170,7 +273,24 @@ def main(grid: Grid, context: Context) -> None:
         _peft_state(host),
         base_model_path=model_path,
     )
+    folder.mark("completed", server_round=cfg.num_server_rounds)
     log.info("final adapter written to %s", adapter_dir)
+
+
+def evaluation_text(figures: dict[str, Any], metric_name: str | None) -> str:
+    """``eval_loss 1.2345 | exact_match 0.120`` for the round-0 line (n/a where there is no figure)."""
+    parts = [("eval_loss", 4)] + ([(metric_name, 3)] if metric_name else [])
+    texts = ["n/a" if figures.get(name) is None else f"{figures[name]:.{digits}f}" for name, digits in parts]
+    return " | ".join(f"{name} {text}" for (name, _), text in zip(parts, texts, strict=True))
+
+
+def no_node_joined(nodes: NodeDirectory) -> str:
+    """Why no node could join, from the reasons the nodes were refused."""
+    reasons = Counter(nodes.refused.values())
+    if not reasons:
+        return "no node answered the handshake within strategy.round-timeout"
+    reason, count = reasons.most_common(1)[0]
+    return f"no node could join ({count} of {len(nodes.refused)} refused): {reason}"
 
 
 def strategy_settings(cfg: RunConfig, fingerprint: str) -> StrategySettings:

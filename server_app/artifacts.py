@@ -19,6 +19,7 @@ METRICS_FILE = "metrics.jsonl"
 CONFIG_FILE = "run_config.json"
 ADAPTER_DIR = "adapter"
 CHECKPOINT_DIR = "checkpoint"  # round checkpoints (server_app.checkpoint), for output.resume
+STATUS_FILE = "status.json"  # {"status": "running" | "completed" | "failed", "reason", "round"}
 
 
 def run_folder_path(output_dir: str, run_name: str) -> Path:
@@ -54,6 +55,11 @@ class RunFolder:
     def create(self, resolved_config: Mapping[str, Any]) -> None:
         self.path.mkdir(parents=True, exist_ok=True)
         write_atomic(self.path / CONFIG_FILE, json.dumps(resolved_config, indent=2, sort_keys=True).encode())
+
+    def mark(self, status: str, reason: str = "", server_round: int | None = None) -> None:
+        """Record whether the run is running, completed or failed (and why), for people and tools."""
+        record = {"status": status, "reason": reason, "round": server_round, "time": time.strftime("%FT%T")}
+        write_atomic(self.path / STATUS_FILE, json.dumps(record, indent=2).encode())
 
     def append_metrics(self, row: Mapping[str, Any]) -> None:
         """Add one round's line to metrics.jsonl (the whole file is rewritten atomically)."""

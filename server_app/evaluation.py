@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -10,7 +11,10 @@ from flwr.app import ArrayRecord
 from pollen.adapter import with_scale
 from pollen.model import LoraHost
 from strategies.base import adapter_from_record
-from tasks.evaluation import exact_match, response_loss
+from tasks.batches import TokenizedExample
+from tasks.evaluation import generate_answers, generation_score, response_loss
+from tasks.metrics import FIGURE_NAMES
+from tasks.prompts import ALPACA, PromptFormat
 
 EVAL_BATCH_SIZE = 32
 
@@ -24,18 +28,36 @@ def load_global(host: LoraHost, global_record: ArrayRecord) -> None:
 
 @dataclass
 class Evaluator:
-    """Central evaluation of the global adapter on the server's held-out examples."""
+    """Central evaluation of the global adapter: response loss, and the task's metric on generations.
+
+    ``examples`` and ``references`` are aligned (one tokenized held-out example per reference output);
+    ``metric`` is the resolved ``task.metric`` (``loss`` generates nothing).
+    """
 
     host: LoraHost
     tokenizer: Any
-    dataset: Any
-    examples: list[Any]
+    examples: list[TokenizedExample]
+    references: Sequence[str]
+    metric: str
     max_new_tokens: int
+    labels: Sequence[str] = ()
+    prompt: PromptFormat = ALPACA
 
-    def __call__(self, global_record: ArrayRecord) -> tuple[float, float]:
-        """(response-token loss, exact match) of the global adapter, whatever its rank and scale."""
+    def figure_name(self) -> str | None:
+        """The metrics.jsonl key of the metric's figure (None for ``loss``)."""
+        return FIGURE_NAMES.get(self.metric)
+
+    def __call__(self, global_record: ArrayRecord) -> dict[str, float | None]:
+        """``eval_loss`` and the metric's figure of the global adapter; None where there are no examples."""
         load_global(self.host, global_record)
         model = self.host.model
-        loss = response_loss(model, self.examples, self.tokenizer.pad_token_id, EVAL_BATCH_SIZE)
-        match = exact_match(model, self.tokenizer, self.dataset, self.max_new_tokens, EVAL_BATCH_SIZE)
-        return loss, match
+        result: dict[str, float | None] = {
+            "eval_loss": response_loss(model, self.examples, self.tokenizer.pad_token_id, EVAL_BATCH_SIZE)
+        }
+        name = self.figure_name()
+        if name is not None:
+            answers = generate_answers(
+                model, self.tokenizer, self.examples, self.max_new_tokens, EVAL_BATCH_SIZE, self.prompt
+            )
+            result[name] = generation_score(self.metric, answers, self.references, self.labels)
+        return result

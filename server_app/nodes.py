@@ -26,6 +26,8 @@ class NodeInfo:
     fingerprint: str
     quantization: str
     device: str
+    num_partitions: int = 1  # the partition id is one of this many
+    own_data: bool = False  # the node trains on its own data-path, not on a partition of the pool
 
 
 def assign_rank(info: NodeInfo, rank_plan: Sequence[int], default_rank: int) -> int:
@@ -40,7 +42,7 @@ def assign_rank(info: NodeInfo, rank_plan: Sequence[int], default_rank: int) -> 
 def parse_info(node_id: int, reply: Message) -> NodeInfo:
     """A handshake reply as NodeInfo; ValueError when it is malformed or an error."""
     if reply.has_error():
-        raise ValueError(f"handshake failed: {reply.error.reason}")
+        raise ValueError(f"handshake failed: {P.error_line(reply.error.reason)}")
     meta = reply.content.config_records.get(P.META)
     if meta is None:
         raise ValueError("handshake reply has no meta record")
@@ -52,6 +54,8 @@ def parse_info(node_id: int, reply: Message) -> NodeInfo:
             fingerprint=str(meta[P.FINGERPRINT]),
             quantization=str(meta[P.QUANTIZATION]),
             device=str(meta[P.DEVICE]),
+            num_partitions=int(meta.get(P.NUM_PARTITIONS, 1)),  # type: ignore[arg-type]
+            own_data=bool(meta.get(P.OWN_DATA, False)),
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise ValueError(f"handshake reply is malformed: {exc}") from exc
@@ -111,6 +115,10 @@ class NodeDirectory:
         for node_id in set(new) - answered:
             log.warning("node %d did not answer the handshake; it will be asked again next round", node_id)
         return admitted
+
+    def partition_counts(self) -> list[int]:
+        """The partition counts that admitted nodes without their own data report (normally one value)."""
+        return sorted({info.num_partitions for info in self.infos.values() if not info.own_data})
 
     def _refuse(self, node_id: int, reason: str) -> None:
         self.refused[node_id] = reason

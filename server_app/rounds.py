@@ -12,6 +12,7 @@ from flwr.serverapp import Grid
 
 from pollen import protocol as P
 from pollen.codec import CodecError, WireSpec, decode, encode, serialized_nbytes
+from server_app.failures import FederationError, round_failure
 from strategies.base import LoraStrategy
 
 log = logging.getLogger("pollen")
@@ -59,6 +60,7 @@ def run_round(
     messages = list(strategy.configure_train(server_round, global_record, config, grid))
     downlink, downlink_fp32 = _bytes(messages), _bytes_fp32(messages)
     replies = list(grid.send_and_receive(messages, timeout=timeout))
+    _stop_if_broken("train", server_round, len(messages), replies)
     uplink, uplink_fp32 = _bytes(replies), _bytes_fp32(replies)
     new_record, train_metrics = strategy.aggregate_train(server_round, replies)
     report = strategy.report
@@ -75,6 +77,7 @@ def run_round(
         "train_loss": _metric(train_metrics, P.TRAIN_LOSS),
         "train_seconds": _metric(train_metrics, P.TRAIN_SECONDS),
         "client_peak_rss_mb": _metric(train_metrics, P.PEAK_RSS_MB),
+        "train_examples_prompt_cut": _metric(train_metrics, P.NUM_PROMPT_CUT),
         "fit_seconds": time.perf_counter() - started,
         "nodes_sent": len(messages),
         "nodes_accepted": report.accepted,
@@ -89,11 +92,20 @@ def run_round(
         row["downlink_bytes"] += _bytes(eval_messages)
         row["downlink_bytes_fp32"] += _bytes_fp32(eval_messages)
         eval_replies = list(grid.send_and_receive(eval_messages, timeout=timeout))
+        _stop_if_broken("evaluate", server_round, len(eval_messages), eval_replies)
         row["uplink_bytes"] += _bytes(eval_replies)
         row["uplink_bytes_fp32"] += _bytes_fp32(eval_replies)
         federated = strategy.aggregate_evaluate(server_round, eval_replies)
         row["federated_eval_loss"] = _metric(federated, P.EVAL_LOSS)
     return new_record, row
+
+
+def _stop_if_broken(kind: str, server_round: int, asked: int, replies: list[Message]) -> None:
+    """FederationError when the replies show that the federation, not one node, is broken."""
+    errors = [P.error_line(r.error.reason) for r in replies if r.has_error()]
+    reason = round_failure(kind, server_round, asked, errors, len(replies))
+    if reason is not None:
+        raise FederationError(reason)
 
 
 def _metric(record: Any, key: str) -> float | None:
@@ -103,15 +115,21 @@ def _metric(record: Any, key: str) -> float | None:
     return value if math.isfinite(value) else None
 
 
-def progress_line(row: dict[str, Any], rounds: int) -> str:
-    """The console line of a finished round."""
-    train_loss = row.get("train_loss")
+def _figure(value: Any, digits: int) -> str:
+    """A figure of the progress line; ``n/a`` where it was not computed (no examples, no replies)."""
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+def progress_line(row: dict[str, Any], rounds: int, metric_name: str | None = "exact_match") -> str:
+    """The console line of a finished round (``metric_name``: the task metric's key in ``row``)."""
     up, down = row["uplink_bytes"], row["downlink_bytes"]
     lr = row.get("lr")
+    metric = f" | {metric_name} {_figure(row.get(metric_name), 3)}" if metric_name else ""
+    baseline = row.get("majority_baseline")
+    metric += "" if baseline is None else f" (majority {baseline:.3f})"
     return (
-        f"round {row['round']}/{rounds} | eval_loss {row['eval_loss']:.4f}"
-        f" | exact_match {row['exact_match']:.3f}"
-        f" | train_loss {'n/a' if train_loss is None else f'{train_loss:.4f}'}"
+        f"round {row['round']}/{rounds} | eval_loss {_figure(row.get('eval_loss'), 4)}{metric}"
+        f" | train_loss {_figure(row.get('train_loss'), 4)}"
         f" | lr {'n/a' if lr is None else f'{lr:.2e}'}"
         f" | nodes {row['nodes_accepted']}/{row['nodes_sent']}"
         f" | up {up / 1e6:.3f} MB ({_ratio(up, row['uplink_bytes_fp32'])})"

@@ -222,7 +222,7 @@ class LoraStrategy(Strategy):
                     "round %d: evaluation failed on node %d: %s",
                     server_round,
                     reply.metadata.src_node_id,
-                    reply.error.reason,
+                    P.error_line(reply.error.reason),
                 )
                 continue
             record = reply.content.metric_records.get(P.METRICS)
@@ -303,7 +303,7 @@ class LoraStrategy(Strategy):
     def _accept(self, reply: Message) -> NodeUpdate:
         """Check one train reply and decode its delta; raises with the reason when it is unusable."""
         if reply.has_error():
-            raise ValueError(f"the node reported an error: {reply.error.reason}")
+            raise ValueError(f"the node reported an error: {P.error_line(reply.error.reason)}")
         node = reply.metadata.src_node_id
         content = reply.content
         for name, records in (
@@ -405,6 +405,8 @@ def _weighted_metrics(records: Sequence[MetricRecord], weights: Sequence[float])
             out[key] = sum(v for v, _ in pairs)
         elif key == P.PEAK_RSS_MB:
             out[key] = max(v for v, _ in pairs)
+        elif key == P.NUM_PROMPT_CUT:
+            out[key] = sum(v for v, _ in pairs)
         else:
             out[key] = sum(v * w for v, w in pairs) / max(sum(w for _, w in pairs), 1e-12)
     return MetricRecord(out)

@@ -30,33 +30,39 @@ _ALIASES: dict[str, tuple[str, ...]] = {
 }
 # Share of a node's partition kept back for its own evaluation (federated evaluate).
 LOCAL_EVAL_SHARE = 0.1
+MIN_PARTITION_SIZE = 2  # examples a node needs: one to train on, one to evaluate on
 
 
 class DataError(ValueError):
     """The data source cannot be used; the message says which key or file and why."""
 
 
-def local_format(path: str) -> str:
+def local_format(path: str, key: str = "task.data-path") -> str:
     """The `datasets` builder for a local file, by extension; DataError for other files."""
     suffix = Path(path).suffix.lower()
     if suffix not in LOCAL_FORMATS:
         raise DataError(
-            f"task.data-path={path!r} has extension {suffix or '(none)'!r}: expected one of "
+            f"{key}={path!r} has extension {suffix or '(none)'!r}: expected one of "
             f"{', '.join(LOCAL_FORMATS)}"
         )
     return LOCAL_FORMATS[suffix]
 
 
 def check_data_source(task: TaskConfig) -> None:
-    """Cheap checks that the data can be found (before any training starts)."""
-    if task.data_path:
-        local_format(task.data_path)
-        if not Path(task.data_path).expanduser().is_file():
-            raise DataError(f"task.data-path={task.data_path!r} does not exist or is not a file")
+    """Cheap checks that the data files can be found (before any training starts)."""
+    for key, path in (("task.data-path", task.data_path), ("task.eval-path", task.eval_path)):
+        if path:
+            local_format(path, key)
+            if not Path(path).expanduser().is_file():
+                raise DataError(f"{key}={path!r} does not exist or is not a file")
 
 
 def normalise_columns(dataset: Any, source: str) -> Any:
-    """Rename alias columns to instruction/input/output; add an empty ``input`` when absent."""
+    """Rename alias columns to instruction/input/output; add an empty ``input`` when absent.
+
+    Numbers and booleans (e.g. 0/1 labels) become text; nested values (lists, dicts) are refused, and
+    so is a source in which no example has an output.
+    """
     columns = set(dataset.column_names)
     renames: dict[str, str] = {}
     for target, aliases in _ALIASES.items():
@@ -80,13 +86,24 @@ def normalise_columns(dataset: Any, source: str) -> Any:
     from datasets import Value
 
     for column in ("instruction", "input", "output"):
-        if dataset.features[column] != Value("string"):
-            dataset = dataset.cast_column(column, Value("string"))
+        feature = dataset.features[column]
+        if feature == Value("string"):
+            continue
+        if not isinstance(feature, Value):
+            example = next((v for v in dataset[column] if v is not None), None)
+            raise DataError(
+                f"{source}: column {column!r} holds {type(example).__name__} values such as "
+                f"{str(example)[:40]!r}; expected text (or numbers) in every row"
+            )
+        dataset = dataset.cast_column(column, Value("string"))
 
     def _fill_missing(example: dict[str, Any]) -> dict[str, str]:
         return {k: example[k] or "" for k in ("instruction", "input", "output")}
 
-    return dataset.map(_fill_missing)
+    dataset = dataset.map(_fill_missing)
+    if not any(text.strip() for text in dataset["output"]):
+        raise DataError(f"{source}: every example's output is empty; there is nothing to learn")
+    return dataset
 
 
 def _quiet_datasets() -> None:
@@ -96,23 +113,26 @@ def _quiet_datasets() -> None:
     disable_progress_bar()
 
 
-def load_file(path: str) -> Any:
+def load_file(path: str, key: str = "task.data-path") -> Any:
     """A local Alpaca-style JSON/JSONL/CSV/Parquet file as a normalised `datasets.Dataset`."""
     from datasets import load_dataset
 
     _quiet_datasets()
 
-    builder = local_format(path)
+    builder = local_format(path, key)
     resolved = str(Path(path).expanduser())
     if not Path(resolved).is_file():
-        raise DataError(f"data file {path!r} does not exist or is not a file")
+        raise DataError(f"{key}={path!r} does not exist or is not a file")
+    if Path(resolved).stat().st_size == 0:
+        raise DataError(f"{key}={path!r} is an empty file; expected Alpaca-style examples")
     try:
         dataset = load_dataset(builder, data_files=resolved, split="train")
     except Exception as exc:  # datasets raises many types for unreadable files
-        raise DataError(f"data file {path!r} could not be read as {builder}: {exc}") from exc
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DataError(f"{key}={path!r} could not be read as {builder}: {reason}") from exc
     if len(dataset) == 0:
-        raise DataError(f"data file {path!r} holds no examples")
-    return normalise_columns(dataset, f"data file {path!r}")
+        raise DataError(f"{key}={path!r} holds no examples")
+    return normalise_columns(dataset, f"{key}={path!r}")
 
 
 def load_hub(name: str) -> Any:
@@ -133,25 +153,42 @@ def load_hub(name: str) -> Any:
 
 
 @lru_cache(maxsize=4)
-def load_pool_and_eval(task: TaskConfig, seed: int) -> tuple[Any, Any]:
-    """(training pool, held-out eval set) for the run; cached per process by the task config and seed."""
+def _split(task: TaskConfig, seed: int) -> tuple[Any, Any]:
+    """(training pool, held-out set cut from the same data; empty when task.eval-path is set)."""
     if task.data_path:
         dataset = load_file(task.data_path).shuffle(seed=seed)
     elif task.name == "synthetic":
         from tasks.synthetic import synthetic_splits
 
-        pool, held_out = synthetic_splits(task.num_train, task.num_eval, seed)
-        return pool, held_out
+        return synthetic_splits(task.num_train, 0 if task.eval_path else task.num_eval, seed)
     else:
         dataset = load_hub(task.name).shuffle(seed=seed)
+    if task.eval_path:  # the held-out set is its own file: the whole dataset trains
+        return dataset, dataset.select([])
     if len(dataset) <= task.num_eval:
         raise DataError(
             f"the dataset has {len(dataset)} examples, not more than task.num-eval={task.num_eval}; "
-            "lower task.num-eval or use more data"
+            "lower task.num-eval, use more data, or give the held-out set as task.eval-path"
         )
-    held_out = dataset.select(range(task.num_eval))
-    pool = dataset.select(range(task.num_eval, len(dataset)))
-    return pool, held_out
+    return dataset.select(range(task.num_eval, len(dataset))), dataset.select(range(task.num_eval))
+
+
+def load_pool(task: TaskConfig, seed: int) -> Any:
+    """The examples partitioned over nodes (never those the server evaluates on)."""
+    return _split(task, seed)[0]
+
+
+@lru_cache(maxsize=2)
+def held_out(task: TaskConfig, seed: int) -> Any:
+    """The server's evaluation examples: the task.eval-path file, else task.num-eval cut from the data."""
+    if task.eval_path:
+        return load_file(task.eval_path, key="task.eval-path")
+    return _split(task, seed)[1]
+
+
+def load_pool_and_eval(task: TaskConfig, seed: int) -> tuple[Any, Any]:
+    """(training pool, held-out set) of the run; each is loaded once per process."""
+    return load_pool(task, seed), held_out(task, seed)
 
 
 def make_partitioner(task: TaskConfig, num_partitions: int, seed: int) -> Any:
@@ -164,23 +201,47 @@ def make_partitioner(task: TaskConfig, num_partitions: int, seed: int) -> Any:
         num_partitions=num_partitions,
         partition_by=task.partition_by,
         alpha=task.alpha,
-        min_partition_size=2,
+        min_partition_size=MIN_PARTITION_SIZE,
         self_balancing=True,
         seed=seed,
     )
 
 
+def check_partition_column(task: TaskConfig, columns: list[str]) -> None:
+    """DataError when the Dirichlet partitioner's column is not in the data (the columns are listed)."""
+    if task.partitioner == "dirichlet" and task.partition_by not in columns:
+        raise DataError(
+            f"task.partition-by={task.partition_by!r} is not a column of the data (columns: "
+            f"{', '.join(columns)}); name one of them or set task.partitioner='iid'"
+        )
+
+
 @lru_cache(maxsize=2)
 def _partitioner_for(task: TaskConfig, num_partitions: int, seed: int) -> Any:
-    pool, _ = load_pool_and_eval(task, seed)
-    if task.partitioner == "dirichlet" and task.partition_by not in pool.column_names:
+    pool = load_pool(task, seed)
+    check_partition_column(task, list(pool.column_names))
+    if len(pool) < MIN_PARTITION_SIZE * num_partitions:
         raise DataError(
-            f"task.partition-by={task.partition_by!r} is not a column of the data ({pool.column_names}); "
-            "name one of them or set task.partitioner='iid'"
+            f"the training pool holds {len(pool)} examples, fewer than {MIN_PARTITION_SIZE} for each of "
+            f"{num_partitions} partitions; use more data or fewer nodes"
         )
     partitioner = make_partitioner(task, num_partitions, seed)
     partitioner.dataset = pool
     return partitioner
+
+
+def partition_sizes(task: TaskConfig, num_partitions: int, seed: int) -> list[int]:
+    """How many pool examples each partition gets; DataError naming the setting when it cannot split."""
+    partitioner = _partitioner_for(task, num_partitions, seed)
+    try:
+        return [len(partitioner.load_partition(pid)) for pid in range(num_partitions)]
+    except ValueError as exc:  # flwr-datasets gives up when it cannot meet min_partition_size
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DataError(
+            f"task.partitioner={task.partitioner!r} (task.alpha={task.alpha}, task.partition-by="
+            f"{task.partition_by!r}) cannot give each of {num_partitions} partitions {MIN_PARTITION_SIZE} "
+            f"examples ({reason}); raise task.alpha, set task.partitioner='iid', or use more data"
+        ) from None
 
 
 def node_data(
@@ -188,17 +249,14 @@ def node_data(
 ) -> tuple[Any, Any]:
     """(train, local eval) examples of one node: its own file if it has one, else its partition."""
     if data_path:
-        dataset = load_file(data_path).shuffle(seed=seed)
+        dataset = load_file(data_path, key="node config data-path").shuffle(seed=seed)
     else:
         dataset = _partitioner_for(task, num_partitions, seed).load_partition(partition_id)
-    if len(dataset) < 2:
-        raise DataError(f"partition {partition_id} holds {len(dataset)} examples; it needs at least 2")
+    if len(dataset) < MIN_PARTITION_SIZE:
+        raise DataError(
+            f"partition {partition_id} holds {len(dataset)} examples; it needs at least {MIN_PARTITION_SIZE}"
+        )
     split = dataset.train_test_split(test_size=LOCAL_EVAL_SHARE, seed=seed) if len(dataset) >= 10 else None
     if split is None:
         return dataset, dataset.select(range(1))
     return split["train"], split["test"]
-
-
-def held_out(task: TaskConfig, seed: int) -> Any:
-    """The server's evaluation examples."""
-    return load_pool_and_eval(task, seed)[1]

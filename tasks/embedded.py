@@ -46,5 +46,12 @@ def embedded_model_dir() -> Path:
 
 
 def resolve_model_name(name: str) -> str:
-    """``model.name`` as transformers should load it: the embedded folder for 'embedded', else unchanged."""
-    return str(embedded_model_dir()) if name == EMBEDDED_NAME else name
+    """``model.name`` as transformers loads it: a folder for 'embedded' and 'smollm2-135m', else unchanged.
+
+    'smollm2-135m' is converted on first use (tasks/smollm2.py); server and nodes resolve alike.
+    """
+    if name == EMBEDDED_NAME:
+        return str(embedded_model_dir())
+    from tasks.smollm2 import SMOLLM2_NAME, smollm2_model_dir
+
+    return str(smollm2_model_dir()) if name == SMOLLM2_NAME else name

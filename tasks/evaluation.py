@@ -1,4 +1,7 @@
-"""Held-out evaluation: response-token loss and exact match of greedy generations."""
+"""Held-out evaluation: response-token loss, and a score of greedy generations (tasks/metrics.py).
+
+Both return None for zero examples: a loss or an accuracy over nothing is not a number.
+"""
 
 from __future__ import annotations
 
@@ -7,64 +10,82 @@ from typing import Any
 
 import torch
 
-from tasks.batches import IGNORE_INDEX, TokenizedExample, collate
-from tasks.prompts import format_prompt, format_response
+from pollen.training import response_cross_entropy
+from tasks.batches import TokenizedExample, collate, collate_prompts, tokenize_all
+from tasks.metrics import score
+from tasks.prompts import ALPACA, PromptFormat, format_response
 
 
 @torch.no_grad()
-def response_loss(model: Any, examples: Sequence[TokenizedExample], pad_id: int, batch_size: int) -> float:
-    """Mean cross-entropy over all response tokens (token-weighted, not batch-weighted)."""
+def response_loss(
+    model: Any, examples: Sequence[TokenizedExample], pad_id: int, batch_size: int
+) -> float | None:
+    """Mean cross-entropy over all response tokens (token-weighted, not batch-weighted); None if none."""
     device = next(model.parameters()).device
     total, count = 0.0, 0
     for start in range(0, len(examples), batch_size):
         batch = collate(examples[start : start + batch_size], pad_id)
-        batch = {k: v.to(device) for k, v in batch.items()}
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        # (batch, seq-1, vocab) predicts (batch, seq-1) next tokens
-        shift_logits = logits[:, :-1, :].float()
-        shift_labels = batch["labels"][:, 1:]
-        losses = torch.nn.functional.cross_entropy(
-            shift_logits.reshape(-1, shift_logits.shape[-1]),
-            shift_labels.reshape(-1),
-            ignore_index=IGNORE_INDEX,
-            reduction="sum",
-        )
-        total += float(losses)
-        count += int((shift_labels != IGNORE_INDEX).sum())
-    return total / max(count, 1)
+        summed, tokens = response_cross_entropy(model, {k: v.to(device) for k, v in batch.items()})
+        total += float(summed)
+        count += tokens
+    return total / count if count else None
 
 
-def normalise_answer(text: str) -> str:
-    """Compare answers without surrounding white space."""
-    return text.strip()
+def stop_token_ids(tokenizer: Any, prompt: PromptFormat) -> list[int]:
+    """Tokens that end an answer: EOS, and the chat template's end-of-turn token when it differs."""
+    stops = [] if tokenizer.eos_token_id is None else [int(tokenizer.eos_token_id)]
+    if prompt.response_end:
+        end = tokenizer(prompt.response_end, add_special_tokens=False)["input_ids"]
+        if end and int(end[-1]) not in stops:
+            stops.append(int(end[-1]))
+    return stops
 
 
 @torch.no_grad()
-def exact_match(model: Any, tokenizer: Any, dataset: Any, max_new_tokens: int, batch_size: int) -> float:
-    """Share of prompts whose greedy continuation (up to EOS) equals the reference output exactly."""
+def generate_answers(
+    model: Any,
+    tokenizer: Any,
+    examples: Sequence[TokenizedExample],
+    max_new_tokens: int,
+    batch_size: int,
+    prompt: PromptFormat = ALPACA,
+) -> list[str]:
+    """Greedy continuation of each example's (cut) prompt, decoded, up to an end token."""
     device = next(model.parameters()).device
+    stops = stop_token_ids(tokenizer, prompt)
+    texts: list[str] = []
+    for start in range(0, len(examples), batch_size):
+        enc = collate_prompts(examples[start : start + batch_size], tokenizer.pad_token_id)
+        enc = {k: v.to(device) for k, v in enc.items()}
+        out = model.generate(
+            **enc,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=stops or None,
+        )
+        generated = out[:, enc["input_ids"].shape[1] :]
+        texts.extend(tokenizer.batch_decode(generated, skip_special_tokens=True))
+    return texts
+
+
+def generation_score(
+    metric: str, generations: Sequence[str], references: Sequence[str], labels: Sequence[str] = ()
+) -> float | None:
+    """Share of generations that answer their reference under ``metric``; None for zero examples."""
+    if not references:
+        return None
+    hits = sum(score(metric, g, r, labels) for g, r in zip(generations, references, strict=True))
+    return hits / len(references)
+
+
+def exact_match(
+    model: Any, tokenizer: Any, dataset: Any, max_new_tokens: int, batch_size: int, max_seq_len: int = 4096
+) -> float | None:
+    """Share of Alpaca prompts whose greedy continuation (up to EOS) equals the reference exactly."""
     rows = list(dataset)
-    hits = 0
-    previous_side = tokenizer.padding_side
-    tokenizer.padding_side = "left"  # generation continues from the right edge
-    try:
-        for start in range(0, len(rows), batch_size):
-            chunk = rows[start : start + batch_size]
-            prompts = [format_prompt(r) for r in chunk]
-            if tokenizer.bos_token_id is not None:
-                prompts = [tokenizer.bos_token + p for p in prompts]
-            enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-            out = model.generate(
-                **enc,
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                pad_token_id=tokenizer.pad_token_id,
-                eos_token_id=tokenizer.eos_token_id,
-            )
-            generated = out[:, enc["input_ids"].shape[1] :]
-            texts = tokenizer.batch_decode(generated, skip_special_tokens=True)
-            answers = [normalise_answer(format_response(r)) for r in chunk]
-            hits += sum(normalise_answer(t) == a for t, a in zip(texts, answers, strict=True))
-    finally:
-        tokenizer.padding_side = previous_side
-    return hits / max(len(rows), 1)
+    examples = tokenize_all(tokenizer, rows, max_seq_len)
+    if len(examples) != len(rows):
+        raise ValueError("some examples lost their whole response to max_seq_len; raise it")
+    generations = generate_answers(model, tokenizer, examples, max_new_tokens, batch_size)
+    return generation_score("exact", generations, [format_response(r) for r in rows])

@@ -103,3 +103,51 @@ def test_three_ranks_with_a_4bit_wire(tmp_path: Path, strategy: str) -> None:
         assert f"rank {rank}, 4bit on cpu" in result.output
     config = json.loads((run_dir / "adapter" / "adapter_config.json").read_text())
     assert config["r"] == 8
+
+
+def test_own_file_without_the_partition_column_stops_before_round_1(tmp_path: Path) -> None:
+    """The shipped config (Dirichlet over 'skill') on an institution's classification file."""
+    from tests.datafiles import label_rows, write_json
+
+    data = write_json(tmp_path / "their.json", label_rows(1000))
+    overrides = {"task.data-path": str(data), "output.dir": str(tmp_path / "out"), "output.run-name": "own"}
+    result = flwr_run(tmp_path / "flwr-home", overrides, num_supernodes=2, timeout=300)
+    expected = (
+        "ERROR pollen: config: task.partition-by='skill' is not a column of the data (columns: instruction, "
+        "input, output); name one of them or set task.partitioner='iid'"
+    )
+    assert expected in result.output, result.output[-4000:]
+    assert "round 1/" not in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_own_label_file_with_long_prompts_trains_and_reports_label_accuracy(tmp_path: Path) -> None:
+    """~250-character prompts at train.max-seq-len=128: prompts are cut, responses kept, loss falls."""
+    from tests.datafiles import label_rows, write_json
+
+    data = write_json(tmp_path / "their.json", label_rows(400, skew=0.5))
+    overrides = {
+        **SMALL,
+        "num-server-rounds": 2,
+        "train.local-steps": 6,
+        "strategy.min-nodes": 2,
+        "task.data-path": str(data),
+        "task.partitioner": "iid",
+        "task.num-eval": 40,
+        "strategy.fraction-evaluate": 0.0,
+        "output.dir": str(tmp_path / "out"),
+        "output.run-name": "labels",
+    }
+    result = flwr_run(tmp_path / "flwr-home", overrides, num_supernodes=2)
+    run_dir = tmp_path / "out" / "labels"
+    assert (run_dir / "metrics.jsonl").is_file(), result.output[-4000:]
+    rows = read_metrics(run_dir)
+    assert "examples are longer and lose the start of their input" in result.output
+    assert "held-out metric label; majority-label baseline" in result.output
+    for row in rows:
+        assert row["metric"] == "label" and isinstance(row["label_accuracy"], float)
+        assert 0.3 < row["majority_baseline"] < 0.7
+        assert row["nodes_accepted"] == 2 and row["train_examples_prompt_cut"] > 0
+        assert row["eval_loss"] > 0
+    assert rows[-1]["eval_loss"] < rows[0]["eval_loss"]
+    assert "| label_accuracy " in result.output and "(majority " in result.output

@@ -146,6 +146,20 @@ def test_config_fingerprint_changes_with_any_setting() -> None:
     assert runlog.config_fingerprint(cfg) != runlog.config_fingerprint({**cfg, "train.lr": 0.5})
 
 
+def test_keys_added_at_their_earlier_behaviour_keep_logged_runs_valid() -> None:
+    """New keys at the value that behaves as before, and 'all-linear' on the embedded model (its seven
+    projections, the old default), hash like the config the logged runs were made with."""
+    cfg = shipped_run_config()
+    before = {k: v for k, v in cfg.items() if k not in runlog.UNCHANGED_BY_DEFAULT}
+    before["lora.target-modules"] = runlog.EMBEDDED_ALL_LINEAR
+    assert runlog.config_fingerprint(cfg) == runlog.config_fingerprint(before)
+    assert runlog.config_fingerprint(cfg) != runlog.config_fingerprint({**cfg, "task.metric": "label"})
+    other_model = {**cfg, "model.name": "smollm2-135m"}
+    assert runlog.config_fingerprint(other_model) != runlog.config_fingerprint(
+        {**other_model, "lora.target-modules": runlog.EMBEDDED_ALL_LINEAR}
+    )
+
+
 def _outcome(name: str, losses: tuple[float, ...], total: int) -> wire.Outcome:
     setting = {s.name: s for s in wire.SETTINGS}[name]
     n = len(losses)

@@ -70,7 +70,7 @@ def test_missing_model_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture
 
 def test_missing_data_file_is_one_line(tiny_model_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["--model", str(tiny_model_dir), "--data-path", "/no/such/file.jsonl", *QUICK]) == 1
-    assert _last_line(capsys) == "UNUSABLE: data file '/no/such/file.jsonl' does not exist or is not a file"
+    assert _last_line(capsys) == "UNUSABLE: --data-path='/no/such/file.jsonl' does not exist or is not a file"
 
 
 def test_cuda_on_a_machine_without_it(capsys: pytest.CaptureFixture[str]) -> None:

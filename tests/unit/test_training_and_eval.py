@@ -74,13 +74,13 @@ def test_training_lowers_the_loss_of_what_it_sees(host_and_tokenizer: tuple[Lora
     )
     after = response_loss(host.model, examples, tokenizer.pad_token_id, batch_size=4)  # type: ignore[attr-defined]
     assert result.steps == 15 and result.seconds > 0
-    assert after < before
+    assert before is not None and after is not None and after < before
 
 
 def test_exact_match_counts_only_identical_answers(host_and_tokenizer: tuple[LoraHost, object]) -> None:
     host, tokenizer = host_and_tokenizer
     data = Dataset.from_list([EXAMPLE, {**EXAMPLE, "input": "xy", "output": "yx"}])
     score = exact_match(host.model, tokenizer, data, max_new_tokens=4, batch_size=2)
-    assert 0.0 <= score <= 1.0
+    assert score is not None and 0.0 <= score <= 1.0
     impossible = Dataset.from_list([{**EXAMPLE, "output": "\x7f" * 30}])
     assert exact_match(host.model, tokenizer, impossible, max_new_tokens=2, batch_size=1) == 0.0

@@ -1,0 +1,140 @@
+"""The real ServerApp main loop against real ClientApp handlers, in one process (no Flower transport).
+
+Covers what a broken federation must do: stop in round 1 with the nodes' own error line and a failed
+run folder, rather than run every round on nothing; and stop before round 1 when no node can join.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any, cast
+
+import pytest
+from flwr.app import Context, Message, RecordDict
+from flwr.serverapp import Grid
+
+from client_app.app import app as client_app
+from server_app.app import main
+
+pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
+
+
+@pytest.fixture(autouse=True)
+def _task_identity() -> None:
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+
+
+class InProcessGrid:
+    """Delivers every message to the real ClientApp with a per-node Context, and returns its reply."""
+
+    def __init__(self, run_config: dict[str, Any], node_configs: dict[int, dict[str, Any]]) -> None:
+        self.contexts = {
+            node: Context(run_id=1, node_id=node, node_config=cfg, state=RecordDict(), run_config=run_config)
+            for node, cfg in node_configs.items()
+        }
+        self.sent: list[str] = []
+
+    def get_node_ids(self) -> list[int]:
+        return list(self.contexts)
+
+    def send_and_receive(
+        self, messages: Iterable[Message], timeout: float | None = None
+    ) -> Iterator[Message]:
+        for message in messages:
+            self.sent.append(message.metadata.message_type)
+            yield client_app(message, self.contexts[message.metadata.dst_node_id])
+
+
+def _run(run_config: dict[str, Any], node_configs: dict[int, dict[str, Any]]) -> tuple[int, InProcessGrid]:
+    grid = InProcessGrid(run_config, node_configs)
+    context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=run_config)
+    with pytest.raises(SystemExit) as stopped:
+        main(cast(Grid, grid), context)
+    return int(stopped.value.code or 0), grid
+
+
+def _small(run_config: dict[str, Any], tmp_path: Path) -> dict[str, Any]:
+    return {
+        **run_config,
+        "num-server-rounds": 4,
+        "train.local-steps": 1,
+        "task.num-train": 60,
+        "task.num-eval": 4,
+        "task.max-new-tokens": 2,
+        "strategy.fraction-train": 1.0,
+        "strategy.fraction-evaluate": 0.0,
+        "strategy.round-timeout": 30.0,
+        "output.dir": str(tmp_path / "out"),
+        "output.run-name": "broken",
+    }
+
+
+class _Lines(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+
+@pytest.fixture
+def errors() -> Iterator[list[str]]:
+    """The ERROR lines of Pollen's logger during the test (it does not propagate to the root logger)."""
+    handler = _Lines()
+    logging.getLogger("pollen").addHandler(handler)
+    yield handler.lines
+    logging.getLogger("pollen").removeHandler(handler)
+
+
+def test_every_node_failing_in_round_1_stops_the_run_with_their_error(
+    run_config: dict[str, Any], tmp_path: Path, errors: list[str]
+) -> None:
+    missing = str(tmp_path / "institution.jsonl")  # each institution points at a file it does not have
+    nodes = {11: {"data-path": missing}, 12: {"data-path": missing}}
+    code, grid = _run(_small(run_config, tmp_path), nodes)
+    assert code == 1
+    assert grid.sent.count("train") == 2  # round 1 only, never rounds 2-4
+    expected = (
+        f"round 1: every node failed to train: DataError: node config data-path={missing!r} does not exist"
+    )
+    assert any(expected in line for line in errors), errors
+    assert not any("Traceback" in line for line in errors)
+    run_dir = tmp_path / "out" / "broken"
+    status = json.loads((run_dir / "status.json").read_text())
+    assert status["status"] == "failed" and status["round"] == 1 and "DataError" in status["reason"]
+    assert not (run_dir / "metrics.jsonl").exists() and not (run_dir / "adapter").exists()
+
+
+def test_one_failing_node_only_drops_that_node(run_config: dict[str, Any], tmp_path: Path) -> None:
+    bad: dict[str, Any] = {"data-path": str(tmp_path / "missing.jsonl")}
+    nodes = {
+        11: bad,
+        12: {"partition-id": 0, "num-partitions": 2},
+        13: {"partition-id": 1, "num-partitions": 2},
+    }
+    config = {**_small(run_config, tmp_path), "num-server-rounds": 1, "output.run-name": "one-bad"}
+    grid = InProcessGrid(config, nodes)
+    main(
+        cast(Grid, grid), Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=config)
+    )
+    run_dir = tmp_path / "out" / "one-bad"
+    (row,) = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert (row["nodes_sent"], row["nodes_accepted"], row["nodes_rejected"]) == (3, 2, 1)
+    assert json.loads((run_dir / "status.json").read_text())["status"] == "completed"
+    assert isinstance(row["eval_loss"], float) and row["metric"] == "exact"
+
+
+def test_no_node_able_to_join_stops_before_anything_is_written(
+    run_config: dict[str, Any], tmp_path: Path, errors: list[str]
+) -> None:
+    nodes = {11: {"lora-rank": -3}, 12: {"lora-rank": -3}}  # every node misconfigured
+    code, grid = _run(_small(run_config, tmp_path), nodes)
+    assert code == 1 and "train" not in grid.sent
+    assert any("no node could join (2 of 2 refused)" in line and "lora-rank=-3" in line for line in errors)
+    assert not (tmp_path / "out").exists()
