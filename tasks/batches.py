@@ -19,6 +19,9 @@ from pollen.training import IGNORE_INDEX
 from tasks.prompts import ALPACA, PromptFormat, fields
 
 MIN_PROMPT_SHARE = 4  # a response that does not fit leaves the prompt 1/4 of the sequence
+# Text beyond this many characters per token of max_seq_len is dropped before tokenizing (a token
+# rarely spans more), so one huge example costs no more than a long one; it is cut either way.
+MAX_CHARS_PER_TOKEN = 16
 
 
 @dataclass(frozen=True)
@@ -55,11 +58,15 @@ class ExampleTokenizer:
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"]) if text else []
 
     def __call__(self, example: Mapping[str, Any]) -> TokenizedExample:
+        limit = MAX_CHARS_PER_TOKEN * self.max_seq_len
         instruction_text, input_text = fields(example)
-        instruction, extra = self._ids(instruction_text), self._ids(input_text)
+        precut = len(instruction_text) > limit or len(input_text) > limit
+        instruction, extra = self._ids(instruction_text[-limit:]), self._ids(input_text[-limit:])
         joiner = self._joiner if input_text else []
         tail = self._tail[bool(input_text)]
-        response = self._ids(self.prompt.response(example))
+        response_text = self.prompt.response(example)
+        precut_response = len(response_text) > limit
+        response = self._ids(response_text[:limit])
         eos = self.tokenizer.eos_token_id
         if eos is not None and (not response or response[-1] != eos):
             response.append(eos)
@@ -81,8 +88,8 @@ class ExampleTokenizer:
             input_ids=prompt_ids + kept_response,
             labels=[IGNORE_INDEX] * len(prompt_ids) + kept_response,
             prompt_length=len(prompt_ids),
-            prompt_cut=drop,
-            response_cut=len(response) - len(kept_response),
+            prompt_cut=drop + precut,  # at least 1 when text was dropped before tokenizing
+            response_cut=len(response) - len(kept_response) + precut_response,
         )
 
 

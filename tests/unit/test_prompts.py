@@ -82,3 +82,25 @@ def test_chat_format_follows_the_tokenizer_template(tokenizer: Any) -> None:
         "positive<|im_end|>" + tokenizer.eos_token
     )
     assert stop_token_ids(tokenizer, chat) == [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids(">")]
+
+
+def test_a_huge_example_is_cut_before_it_is_tokenized(tokenizer: Any) -> None:
+    from tasks.batches import MAX_CHARS_PER_TOKEN
+
+    seen: list[int] = []
+
+    class Spy:
+        """The tokenizer, recording the length of every text it is asked to tokenize."""
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(tokenizer, name)
+
+        def __call__(self, text: str, **kwargs: Any) -> Any:
+            seen.append(len(text))
+            return tokenizer(text, **kwargs)
+
+    huge = {**EXAMPLE, "input": "word " * 2_000_000}  # 10 MB of input
+    cut = tokenize_example(Spy(), huge, 128)
+    assert max(seen) <= MAX_CHARS_PER_TOKEN * 128  # never the whole 10 MB
+    assert len(cut.input_ids) == 128 and cut.prompt_cut > 0 and cut.response_cut == 0
+    assert _text(tokenizer, [t for t in cut.labels if t != IGNORE_INDEX]) == "positive" + tokenizer.eos_token
