@@ -28,6 +28,7 @@ UNCHANGED_BY_DEFAULT: dict[str, Any] = {
     "task.prompt-format": "auto",
     "task.metric": "auto",
     "task.labels": "",
+    "train.gradient-checkpointing": False,
 }
 EMBEDDED_ALL_LINEAR = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 

@@ -62,11 +62,20 @@ _WORKERS: dict[tuple[Any, ...], Worker] = {}
 def _worker(run: RunConfig, node: NodeConfig) -> Worker:
     path = resolve_model_name(run.model.name)
     device_name = node.device or run.model.device
-    key = (path, run.model.quantization, device_name, run.model.compute_dtype, run.lora, run.seed)
+    checkpointing = run.train.gradient_checkpointing
+    key = (
+        path,
+        run.model.quantization,
+        device_name,
+        run.model.compute_dtype,
+        run.lora,
+        run.seed,
+        checkpointing,
+    )
     if key not in _WORKERS:
         base = load_base_model(path, run.model, device_override=node.device)
         _WORKERS[key] = Worker(
-            host=LoraHost(base, run.lora, seed=run.seed),
+            host=LoraHost(base, run.lora, seed=run.seed, gradient_checkpointing=checkpointing),
             tokenizer=load_tokenizer(path),
             device=resolve_device(device_name),
         )

@@ -56,6 +56,7 @@ class TrainConfig:
     max_seq_len: int
     lr_schedule: str = "constant"  # "constant" or "cosine" over the rounds (pollen/schedule.py)
     lr_min: float = 0.0  # the cosine schedule's rate at the last round
+    gradient_checkpointing: bool = False  # recompute decoder-layer activations in the backward pass
 
 
 @dataclass(frozen=True)
@@ -195,6 +196,7 @@ _RUN_KEYS: dict[str, _Key] = {
     "train.lr-min": _Key(float, lambda v: 0 <= v < 1, "a number from 0 up to (not including) 1"),
     "train.batch-size": _POSITIVE_INT,
     "train.max-seq-len": _Key(int, lambda v: v >= 8, "an integer >= 8"),
+    "train.gradient-checkpointing": _Key(bool, accepted="true or false"),
     "task.name": _Key(
         str, lambda v: v.strip() != "", "'synthetic', 'alpaca', 'finance', 'medical', 'code' or a dataset id"
     ),
@@ -334,6 +336,7 @@ def parse_run_config(run_config: Mapping[str, Any]) -> RunConfig:
             max_seq_len=v["train.max-seq-len"],
             lr_schedule=v["train.lr-schedule"],
             lr_min=v["train.lr-min"],
+            gradient_checkpointing=v["train.gradient-checkpointing"],
         ),
         task=TaskConfig(
             name=v["task.name"],
