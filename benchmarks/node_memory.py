@@ -226,7 +226,7 @@ def measure(setting: Setting, steps: int, batch_size: int, seq_len: int, seed: i
     if setting.load == "released":  # the shipped load without the fixed mmap threshold
         import pollen.model
 
-        pollen.model.return_large_blocks_to_os = lambda: None
+        pollen.model.return_large_blocks_to_os = lambda: None  # load_base_model's own reference
     if setting.load == "old":
         base = _load_as_before(path)
     else:

@@ -6,8 +6,6 @@ single base, so a simulation actor serving nodes of ranks 4 and 16 never re-quan
 
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,7 +14,13 @@ import torch
 
 from pollen.adapter import Adapter, adapter_from_state_dict, adapter_to_state_dict
 from pollen.config import LoraConfig, ModelConfig
+from pollen.cpu_memory import release_checkpoint_file, return_large_blocks_to_os
 from pollen.device import quantization_config, resolve_compute_dtype, resolve_device
+from pollen.targets import (
+    model_fingerprint,
+    resolve_target_modules,
+    stores_weights_transposed,
+)
 
 
 class ModelNotFoundError(FileNotFoundError):
@@ -84,71 +88,6 @@ def load_base_model(name_or_path: str, config: ModelConfig, device_override: str
     return model
 
 
-def release_checkpoint_file(model: torch.nn.Module) -> None:
-    """Give a quantized model on the CPU its own copy of the tensors left unquantized, then free the heap.
-
-    Loading maps the whole safetensors file; the tensors bitsandbytes does not quantize (embeddings,
-    norms) stay views into that map, which keeps every page of the file resident (about the size of
-    the float32 checkpoint) for as long as the model lives, next to the 4-bit weights made from it.
-    Copying those few tensors lets the map go; ``malloc_trim`` then hands the quantization's freed
-    temporaries back to the OS. For SmolLM2-135M this takes a loaded node from ~1.2 GB to ~0.6 GB
-    resident (docs/BENCHMARKS.md, node memory).
-    """
-    seen: set[int] = set()
-    for module in model.modules():
-        for name, tensor in list(module._parameters.items()) + list(module._buffers.items()):
-            if tensor is None or id(tensor) in seen or tensor.device.type != "cpu":
-                continue
-            seen.add(id(tensor))
-            if isinstance(tensor, torch.nn.Parameter):
-                if type(tensor) is torch.nn.Parameter:  # bitsandbytes' Params4bit/Int8Params own their data
-                    tensor.data = tensor.data.clone()
-            else:
-                module._buffers[name] = tensor.clone()
-    import gc
-
-    gc.collect()
-    _return_freed_heap()
-
-
-_M_MMAP_THRESHOLD = -3  # glibc mallopt parameter (malloc.h)
-MMAP_THRESHOLD_BYTES = 64 * 1024  # glibc's initial threshold, kept fixed instead of growing to 32 MiB
-
-
-def return_large_blocks_to_os() -> None:
-    """Give every CPU allocation of 64 KiB or more its own mapping, so freeing it returns it to the OS.
-
-    glibc raises its mmap threshold each time a large block is freed, after which a training step's
-    activations and the dequantized 4-bit weights of every layer come from the heap, where short-lived
-    and long-lived blocks interleave and the heap never shrinks: on SmolLM2 that fragmentation was
-    about half of a node's training peak (docs/BENCHMARKS.md, node memory). Fixing the threshold costs page
-    faults on every large allocation (slower CPU steps) and is process-wide; a no-op without glibc.
-    """
-    libc = _libc()
-    mallopt = getattr(libc, "mallopt", None)
-    if mallopt is not None:
-        mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
-
-
-def _return_freed_heap() -> None:
-    """Ask glibc to return freed heap pages to the OS (a no-op elsewhere)."""
-    trim = getattr(_libc(), "malloc_trim", None)
-    if trim is not None:
-        trim(0)
-
-
-def _libc() -> Any:
-    """The C library, or None where it cannot be loaded by name."""
-    import ctypes
-    import ctypes.util
-
-    name = ctypes.util.find_library("c")
-    try:
-        return ctypes.CDLL(name) if name else None
-    except OSError:
-        return None
-
-
 def keep_4bit_layers_trainable(model: torch.nn.Module) -> None:
     """Stop bitsandbytes repacking 4-bit weights for CPU inference.
 
@@ -183,107 +122,6 @@ def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
     enable({"use_reentrant": False})
 
 
-# ---- LoRA targets ---------------------------------------------------------------------------------
-ALL_LINEAR = "all-linear"  # lora.target-modules: every linear layer except the output head (PEFT's meaning)
-
-
-class TargetModulesError(ValueError):
-    """``lora.target-modules`` does not fit the base model; the one-line message lists the layers it has."""
-
-
-def linear_shape(module: torch.nn.Module) -> tuple[int, int] | None:
-    """``(in_features, out_features)`` of a layer LoRA can adapt as a linear map; None for other modules.
-
-    Covers ``nn.Linear`` and its bitsandbytes subclasses (read from attributes: a packed 4-bit weight
-    has no useful shape), GPT-2's ``Conv1D`` (weight stored (in, out)), and a PEFT LoRA layer wrapping
-    either, so a fingerprint taken after wrapping equals the one taken before.
-    """
-    from transformers.pytorch_utils import Conv1D
-
-    if isinstance(module, torch.nn.Linear):
-        return int(module.in_features), int(module.out_features)
-    if isinstance(module, Conv1D):
-        fan_in, fan_out = module.weight.shape  # (in_features, out_features)
-        return int(fan_in), int(fan_out)
-    base = getattr(module, "base_layer", None)  # PEFT keeps the original layer here
-    return linear_shape(base) if isinstance(base, torch.nn.Module) else None
-
-
-def _linear_layers(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module, tuple[int, int]]]:
-    """(path, module, (in, out)) of every linear layer, in model order."""
-    found = []
-    for path, module in model.named_modules():
-        shape = linear_shape(module)
-        if path and shape is not None:
-            found.append((path, module, shape))
-    return found
-
-
-def _leaf(path: str) -> str:
-    return path.rsplit(".", 1)[-1]
-
-
-def linear_layer_names(model: torch.nn.Module) -> tuple[str, ...]:
-    """Distinct leaf names of the (unwrapped) model's linear layers, output head included, in model order."""
-    return tuple(dict.fromkeys(_leaf(path) for path, _, _ in _linear_layers(model)))
-
-
-def _all_linear(model: torch.nn.Module) -> tuple[str, ...]:
-    """What 'all-linear' means for this model: the linear layers' leaf names, the output head left out."""
-    get_head = getattr(model, "get_output_embeddings", None)
-    head = get_head() if callable(get_head) else None
-    return tuple(
-        dict.fromkeys(_leaf(path) for path, module, _ in _linear_layers(model) if module is not head)
-    )
-
-
-def _targeted_layers(model: torch.nn.Module, target_modules: tuple[str, ...]) -> list[tuple[str, int, int]]:
-    """(path, in, out) of every linear layer whose leaf name is a target ('all-linear' expanded)."""
-    names = set(_all_linear(model) if tuple(target_modules) == (ALL_LINEAR,) else target_modules)
-    return [
-        (path, fan_in, fan_out)
-        for path, _, (fan_in, fan_out) in _linear_layers(model)
-        if _leaf(path) in names
-    ]
-
-
-def resolve_target_modules(model: torch.nn.Module, requested: tuple[str, ...]) -> tuple[str, ...]:
-    """The concrete leaf names LoRA adapts: 'all-linear' expanded, or the names given, each checked.
-
-    Server and nodes resolve on the same architecture, so PEFT's config, the fingerprint and the
-    adapter keys agree whatever each side's quantization. Raises :class:`TargetModulesError`.
-    """
-    joined = ",".join(requested)
-    present = linear_layer_names(model)
-    if not present:
-        raise TargetModulesError(
-            f"lora.target-modules={joined!r}: this model has no linear layer LoRA can adapt "
-            "(torch Linear, bitsandbytes Linear4bit/Linear8bitLt or transformers Conv1D)"
-        )
-    if tuple(requested) == (ALL_LINEAR,):
-        chosen = _all_linear(model)
-        if not chosen:
-            raise TargetModulesError(
-                f"lora.target-modules='{ALL_LINEAR}': this model's only linear layer is its output head "
-                f"({', '.join(present)}); name it explicitly to adapt it"
-            )
-        return chosen
-    if ALL_LINEAR in requested:
-        raise TargetModulesError(
-            f"lora.target-modules={joined!r} mixes '{ALL_LINEAR}' with module names: use '{ALL_LINEAR}' "
-            "alone, or list module names only"
-        )
-    missing = [name for name in dict.fromkeys(requested) if name not in present]
-    if missing or not requested:
-        which = ", ".join(repr(name) for name in missing) or "no name"
-        raise TargetModulesError(
-            f"lora.target-modules={joined!r}: {which} {'matches' if len(missing) < 2 else 'match'} no linear "
-            f"layer of this model; its linear layers are {', '.join(present)} "
-            f"(name some of them, or use '{ALL_LINEAR}')"
-        )
-    return tuple(dict.fromkeys(requested))
-
-
 def check_target_modules(name_or_path: str, requested: tuple[str, ...]) -> tuple[str, ...]:
     """:func:`resolve_target_modules` on the model's architecture alone, built without weights.
 
@@ -302,41 +140,6 @@ def check_target_modules(name_or_path: str, requested: tuple[str, ...]) -> tuple
             f"model.name={name_or_path!r}: transformers cannot build a causal LM from its config ({reason})"
         ) from exc
     return resolve_target_modules(skeleton, requested)
-
-
-def _stores_weights_transposed(model: torch.nn.Module, target_modules: tuple[str, ...]) -> bool:
-    """True when the targets are GPT-2 ``Conv1D`` layers (full precision): PEFT then needs fan_in_fan_out.
-
-    bitsandbytes replaces ``Conv1D`` by ``Linear4bit``/``Linear8bitLt`` when quantizing, and those
-    store their weight (out, in) like any linear layer, so a quantized GPT-2 answers False.
-    """
-    from transformers.pytorch_utils import Conv1D
-
-    names = set(target_modules)
-    return any(
-        isinstance(module, Conv1D) for path, module, _ in _linear_layers(model) if _leaf(path) in names
-    )
-
-
-def model_fingerprint(model: torch.nn.Module, target_modules: tuple[str, ...]) -> str:
-    """A short hash of the architecture and of every LoRA target's shape.
-
-    Two nodes with equal fingerprints can exchange adapters, whatever their quantization; weights
-    are not hashed (that would read gigabytes), the shapes and names adapters depend on are.
-    """
-    config = getattr(model, "config", None)
-    summary: dict[str, Any] = {
-        key: getattr(config, key, None)
-        for key in ("model_type", "hidden_size", "num_hidden_layers", "vocab_size", "intermediate_size")
-    }
-    summary["targets"] = sorted(_targeted_layers(model, target_modules))
-    digest = hashlib.sha256(json.dumps(summary, sort_keys=True).encode()).hexdigest()
-    return digest[:16]
-
-
-def count_target_modules(model: torch.nn.Module, target_modules: tuple[str, ...]) -> int:
-    """How many linear layers LoRA would adapt; 0 means the target names do not fit this model."""
-    return len(_targeted_layers(model, target_modules))
 
 
 @dataclass(frozen=True)
@@ -365,7 +168,7 @@ class LoraHost:
         self.lora = lora
         self.seed = seed
         self.fingerprint = model_fingerprint(base, self.target_modules)
-        self._fan_in_fan_out = _stores_weights_transposed(base, self.target_modules)
+        self._fan_in_fan_out = stores_weights_transposed(base, self.target_modules)
         self._base = base
         self._model: Any = None
         self._slots: dict[int, AdapterSlot] = {}

@@ -20,7 +20,7 @@ import torch
 
 from pollen.config import QUANTIZATIONS, LoraConfig, ModelConfig
 
-DEFAULT_TARGETS = "all-linear"  # the run config's lora.target-modules default (pollen.model.ALL_LINEAR)
+DEFAULT_TARGETS = "all-linear"  # the run config's lora.target-modules default (pollen.targets.ALL_LINEAR)
 GB = 1024**3
 
 
@@ -192,7 +192,8 @@ def _quiet_libraries() -> None:
 def run_checks(args: argparse.Namespace, report: Report) -> None:
     """Fill ``report``; raise :class:`Unusable` at the first problem that stops this node joining."""
     from pollen.device import resolve_device
-    from pollen.model import LoraHost, TargetModulesError, check_model_available, load_base_model
+    from pollen.model import LoraHost, check_model_available, load_base_model
+    from pollen.targets import TargetModulesError
     from tasks.embedded import resolve_model_name
 
     _quiet_libraries()

@@ -17,13 +17,13 @@ from pollen.codec import WireSpec
 from pollen.config import ConfigError, RunConfig, parse_run_config
 from pollen.model import (
     LoraHost,
-    TargetModulesError,
     check_model_available,
     check_target_modules,
     load_base_model,
     load_tokenizer,
 )
 from pollen.schedule import round_lr
+from pollen.targets import TargetModulesError
 from server_app.artifacts import CHECKPOINT_DIR, RunFolder, check_run_folder_free, run_folder_path
 from server_app.checkpoint import (
     Checkpoint,

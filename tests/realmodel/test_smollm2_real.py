@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from pollen.config import LoraConfig, ModelConfig
-from pollen.model import ALL_LINEAR, LoraHost, load_base_model, load_tokenizer, model_fingerprint
+from pollen.model import LoraHost, load_base_model, load_tokenizer
+from pollen.targets import ALL_LINEAR, model_fingerprint
 from tasks.embedded import resolve_model_name
 from tasks.smollm2 import CACHE_ENV, MARKER, smollm2_model_dir
 

@@ -15,15 +15,8 @@ import torch
 
 from pollen.adapter import LoraFactors
 from pollen.config import ConfigError, LoraConfig, ModelConfig, parse_run_config
-from pollen.model import (
-    ALL_LINEAR,
-    LoraHost,
-    TargetModulesError,
-    check_target_modules,
-    load_base_model,
-    model_fingerprint,
-    resolve_target_modules,
-)
+from pollen.model import LoraHost, check_target_modules, load_base_model
+from pollen.targets import ALL_LINEAR, TargetModulesError, model_fingerprint, resolve_target_modules
 from pollen.training import train_steps
 from tasks.embedded import resolve_model_name
 

@@ -15,8 +15,8 @@ from pollen.model import (
     check_model_available,
     load_base_model,
     load_tokenizer,
-    model_fingerprint,
 )
+from pollen.targets import model_fingerprint
 
 LORA = LoraConfig(rank=4, alpha=8.0, dropout=0.0, target_modules=("q_proj", "v_proj"))
 

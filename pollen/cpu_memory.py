@@ -1,0 +1,76 @@
+"""CPU memory of a loaded 4-bit model: release the checkpoint file, return freed blocks to the OS.
+
+Both matter only on the CPU (a GPU's memory is the CUDA allocator's); each is a no-op without glibc.
+Measured in docs/BENCHMARKS.md (node memory).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+
+def release_checkpoint_file(model: torch.nn.Module) -> None:
+    """Give a quantized model on the CPU its own copy of the tensors left unquantized, then free the heap.
+
+    Loading maps the whole safetensors file; the tensors bitsandbytes does not quantize (embeddings,
+    norms) stay views into that map, which keeps every page of the file resident (about the size of
+    the float32 checkpoint) for as long as the model lives, next to the 4-bit weights made from it.
+    Copying those few tensors lets the map go; ``malloc_trim`` then hands the quantization's freed
+    temporaries back to the OS. For SmolLM2-135M this takes a loaded node from ~1.2 GB to ~0.6 GB
+    resident (docs/BENCHMARKS.md, node memory).
+    """
+    seen: set[int] = set()
+    for module in model.modules():
+        for name, tensor in list(module._parameters.items()) + list(module._buffers.items()):
+            if tensor is None or id(tensor) in seen or tensor.device.type != "cpu":
+                continue
+            seen.add(id(tensor))
+            if isinstance(tensor, torch.nn.Parameter):
+                if type(tensor) is torch.nn.Parameter:  # bitsandbytes' Params4bit/Int8Params own their data
+                    tensor.data = tensor.data.clone()
+            else:
+                module._buffers[name] = tensor.clone()
+    import gc
+
+    gc.collect()
+    _return_freed_heap()
+
+
+_M_MMAP_THRESHOLD = -3  # glibc mallopt parameter (malloc.h)
+MMAP_THRESHOLD_BYTES = 64 * 1024  # glibc's initial threshold, kept fixed instead of growing to 32 MiB
+
+
+def return_large_blocks_to_os() -> None:
+    """Give every CPU allocation of 64 KiB or more its own mapping, so freeing it returns it to the OS.
+
+    glibc raises its mmap threshold each time a large block is freed, after which a training step's
+    activations and the dequantized 4-bit weights of every layer come from the heap, where short-lived
+    and long-lived blocks interleave and the heap never shrinks: on SmolLM2 that fragmentation was
+    about half of a node's training peak (docs/BENCHMARKS.md, node memory). Fixing the threshold costs page
+    faults on every large allocation (slower CPU steps) and is process-wide; a no-op without glibc.
+    """
+    libc = _libc()
+    mallopt = getattr(libc, "mallopt", None)
+    if mallopt is not None:
+        mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
+
+
+def _return_freed_heap() -> None:
+    """Ask glibc to return freed heap pages to the OS (a no-op elsewhere)."""
+    trim = getattr(_libc(), "malloc_trim", None)
+    if trim is not None:
+        trim(0)
+
+
+def _libc() -> Any:
+    """The C library, or None where it cannot be loaded by name."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        return ctypes.CDLL(name) if name else None
+    except OSError:
+        return None
