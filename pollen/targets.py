@@ -142,8 +142,3 @@ def model_fingerprint(model: torch.nn.Module, target_modules: tuple[str, ...]) -
     summary["targets"] = sorted(targeted_layers(model, target_modules))
     digest = hashlib.sha256(json.dumps(summary, sort_keys=True).encode()).hexdigest()
     return digest[:16]
-
-
-def count_target_modules(model: torch.nn.Module, target_modules: tuple[str, ...]) -> int:
-    """How many linear layers LoRA would adapt; 0 means the target names do not fit this model."""
-    return len(targeted_layers(model, target_modules))

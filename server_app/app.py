@@ -38,11 +38,10 @@ from server_app.nodes import NodeDirectory
 from server_app.rounds import progress_line, run_round
 from strategies.base import LoraStrategy, StrategySettings, adapter_to_record
 from strategies.registry import build_strategy
-from tasks.batches import ExampleTokenizer
 from tasks.checks import DataCheck, check_partitions, check_task_data
-from tasks.data import DataError, check_data_source, held_out
+from tasks.data import DataError, check_data_source
 from tasks.embedded import resolve_model_name
-from tasks.prompts import ALPACA, PromptFormat, PromptFormatError, format_response, resolve_prompt_format
+from tasks.prompts import ALPACA, PromptFormat, PromptFormatError, resolve_prompt_format
 
 log = logging.getLogger("pollen")
 app = ServerApp()
@@ -143,17 +142,14 @@ def _stop(problems: list[str], code: int = 2, topic: str = "config") -> NoReturn
 
 def build_evaluator(prep: Prepared, host: LoraHost) -> Evaluator:
     """The central evaluator over the held-out set, tokenized and scored as the preflight checked."""
-    cfg = prep.cfg
-    tokenize = ExampleTokenizer(prep.tokenizer, cfg.train.max_seq_len, prep.prompt)
-    pairs = [(tokenize(e), format_response(e)) for e in held_out(cfg.task, cfg.seed)]
-    pairs = [(example, reference) for example, reference in pairs if example.has_response]
+    pairs = [(example, reference) for example, reference in prep.data.evaluation if example.has_response]
     return Evaluator(
         host=host,
         tokenizer=prep.tokenizer,
         examples=[example for example, _ in pairs],
         references=[reference for _, reference in pairs],
         metric=prep.data.metric,
-        max_new_tokens=cfg.task.max_new_tokens,
+        max_new_tokens=prep.cfg.task.max_new_tokens,
         labels=prep.data.labels,
         prompt=prep.prompt,
     )

@@ -65,6 +65,8 @@ class DataCheck:
     majority: float | None = None  # label tasks: the score of always answering the commonest label
     pool: LengthReport = field(default_factory=LengthReport)
     held_out: LengthReport = field(default_factory=LengthReport)
+    # The held-out set as checked, (tokenized example, reference output): what the evaluator scores.
+    evaluation: list[tuple[TokenizedExample, str]] = field(default_factory=list)
 
 
 def _sample(pool: Any, seed: int) -> Any:
@@ -74,11 +76,12 @@ def _sample(pool: Any, seed: int) -> Any:
 
 
 def check_lengths(
-    task: TaskConfig, pool: Any, evaluation: Any, tokenize: ExampleTokenizer, seed: int, check: DataCheck
+    pool: Any, evaluation: Any, tokenize: ExampleTokenizer, seed: int, check: DataCheck
 ) -> None:
     """Count what train.max-seq-len cuts; an error when held-out or too many training answers vanish."""
     max_len = tokenize.max_seq_len
-    check.held_out = LengthReport.of([tokenize(e) for e in evaluation])
+    check.evaluation = [(tokenize(e), format_response(e)) for e in evaluation]
+    check.held_out = LengthReport.of([example for example, _ in check.evaluation])
     check.pool = LengthReport.of([tokenize(e) for e in _sample(pool, seed)])
     longest = max(check.held_out.longest, check.pool.longest)
     fits = f"train.max-seq-len={longest} fits every example"
@@ -151,7 +154,7 @@ def check_task_data(
     if len(pool) == 0:
         check.problems.append("the training pool is empty: task.data-path (or task.name) holds no examples")
         return check
-    check_lengths(task, pool, evaluation, ExampleTokenizer(tokenizer, max_seq_len, prompt), seed, check)
+    check_lengths(pool, evaluation, ExampleTokenizer(tokenizer, max_seq_len, prompt), seed, check)
     check_metric_choice(task, pool, evaluation, check)
     return check
 

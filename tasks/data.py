@@ -186,11 +186,6 @@ def held_out(task: TaskConfig, seed: int) -> Any:
     return _split(task, seed)[1]
 
 
-def load_pool_and_eval(task: TaskConfig, seed: int) -> tuple[Any, Any]:
-    """(training pool, held-out set) of the run; each is loaded once per process."""
-    return load_pool(task, seed), held_out(task, seed)
-
-
 def make_partitioner(task: TaskConfig, num_partitions: int, seed: int) -> Any:
     """The flwr-datasets partitioner the run config asks for."""
     from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner
