@@ -41,6 +41,7 @@ from benchmarks.report import (  # noqa: E402
     write_section,
 )
 from scripts.flower_run import shipped_run_config  # noqa: E402
+from strategies.registry import STRATEGY_CLASSES  # noqa: E402
 
 NUM_NODES = 10
 MIXED_RANKS = "2,4,8,16"
@@ -108,7 +109,7 @@ class FederatedSetting:
 
 
 FEDERATED = tuple(
-    FederatedSetting(strategy, "" if strategy == "fedavg" else MIXED_RANKS, bits)
+    FederatedSetting(strategy, MIXED_RANKS if STRATEGY_CLASSES[strategy].mixed_ranks else "", bits)
     for strategy in ("fedavg", "zeropad", "flora", "flexlora", "ffa")
     for bits in (32, 4)
 )

@@ -282,13 +282,6 @@ def parse_run_config(run_config: Mapping[str, Any]) -> RunConfig:
             continue
         values[key] = _coerce(key, run_config[key], spec, problems)
     if not problems:
-        plan = _rank_plan(values["strategy.rank-plan"])
-        if values["strategy.name"] == "fedavg" and len(set(plan) | {values["lora.rank"]}) > 1:
-            problems.append(
-                f"strategy.rank-plan={values['strategy.rank-plan']!r} mixes ranks (with lora.rank="
-                f"{values['lora.rank']}), but strategy.name='fedavg' needs one rank: use 'zeropad', "
-                "'flora', 'flexlora' or 'ffa', or a plan of lora.rank only"
-            )
         if values["train.lr-schedule"] == "cosine" and values["train.lr-min"] > values["train.lr"]:
             problems.append(
                 f"train.lr-min={values['train.lr-min']} is above train.lr={values['train.lr']}: "

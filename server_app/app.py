@@ -37,7 +37,7 @@ from server_app.failures import FederationError
 from server_app.nodes import NodeDirectory
 from server_app.rounds import progress_line, run_round
 from strategies.base import LoraStrategy, StrategySettings, adapter_to_record
-from strategies.registry import build_strategy
+from strategies.registry import STRATEGY_CLASSES, build_strategy
 from tasks.checks import DataCheck, check_partitions, check_task_data
 from tasks.data import DataError, check_data_source
 from tasks.embedded import resolve_model_name
@@ -75,7 +75,7 @@ def preflight(run_config: dict[str, Any]) -> Prepared:
     columns, lengths against train.max-seq-len, the metric, and the run folder.
     """
     cfg = parse_run_config(run_config)
-    problems: list[str] = []
+    problems: list[str] = check_strategy_ranks(cfg)
     model_path, tokenizer, prompt = "", None, ALPACA
     try:
         model_path = resolve_model_name(cfg.model.name)
@@ -113,6 +113,20 @@ def preflight(run_config: dict[str, Any]) -> Prepared:
     if problems:
         raise ConfigError(problems)
     return Prepared(cfg=cfg, model_path=model_path, tokenizer=tokenizer, prompt=prompt, data=data)
+
+
+def check_strategy_ranks(cfg: RunConfig) -> list[str]:
+    """A rank plan that mixes ranks needs a strategy that can aggregate mixed ranks."""
+    cls = STRATEGY_CLASSES[cfg.strategy.name]
+    ranks = set(cfg.strategy.rank_plan) | {cfg.lora.rank}
+    if cls.mixed_ranks or len(ranks) == 1:
+        return []
+    mixing = ", ".join(repr(n) for n, c in STRATEGY_CLASSES.items() if c.mixed_ranks)
+    return [
+        f"strategy.rank-plan={','.join(map(str, cfg.strategy.rank_plan))!r} mixes ranks (with lora.rank="
+        f"{cfg.lora.rank}), but strategy.name={cfg.strategy.name!r} needs one rank: use one of {mixing}, "
+        "or a plan of lora.rank only"
+    ]
 
 
 def train_config(cfg: RunConfig, server_round: int) -> ConfigRecord:
@@ -328,13 +342,17 @@ def admit(strategy: LoraStrategy, nodes: NodeDirectory) -> None:
 
 def eligible_ranks(strategy: LoraStrategy, nodes: NodeDirectory) -> dict[int, int]:
     """Node ranks the strategy can serve; equal-rank strategies leave other ranks out (logged)."""
-    if strategy.name != "fedavg":
+    if strategy.mixed_ranks:
         return dict(nodes.ranks)
     rank = strategy.settings.global_rank
     for node_id, node_rank in nodes.ranks.items():
         if node_rank != rank:
             log.warning(
-                "node %d trains rank %d; fedavg needs rank %d, so it is left out", node_id, node_rank, rank
+                "node %d trains rank %d; %s needs rank %d, so it is left out",
+                node_id,
+                node_rank,
+                strategy.name,
+                rank,
             )
     return {n: r for n, r in nodes.ranks.items() if r == rank}
 

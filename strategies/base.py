@@ -103,6 +103,7 @@ class LoraStrategy(Strategy):
 
     name = "base"
     trains_a = True  # False: nodes keep A frozen and send only B deltas (FFA-LoRA)
+    mixed_ranks = True  # False: every node must train lora.rank (the strategy cannot mix ranks)
 
     def __init__(self, settings: StrategySettings) -> None:
         self.settings = settings
@@ -119,8 +120,8 @@ class LoraStrategy(Strategy):
 
     # ---- math hooks ---------------------------------------------------------------------------
     def global_rank(self, ranks: Sequence[int]) -> int:
-        """Rank of the global adapter for nodes of ``ranks`` (equal-rank strategies: the one rank)."""
-        return self.settings.global_rank
+        """Rank of the global adapter for nodes of ``ranks``: the largest, or lora.rank without mixing."""
+        return max([self.settings.global_rank, *ranks]) if self.mixed_ranks else self.settings.global_rank
 
     def initial_global(self, fresh: Adapter) -> Adapter:
         """The round-1 global adapter, from a freshly initialised one of rank ``global_rank``."""

@@ -13,6 +13,7 @@ class FedAvgLora(LoraStrategy):
     """Every node trains the global rank; A and B deltas are averaged separately, weighted by examples."""
 
     name = "fedavg"
+    mixed_ranks = False
 
     def combine(self, global_adapter: Adapter, updates: Sequence[NodeUpdate]) -> Adapter:
         return add(global_adapter, average_factors([u.delta for u in updates], [u.weight for u in updates]))

@@ -24,9 +24,6 @@ class FfaLora(LoraStrategy):
     name = "ffa"
     trains_a = False
 
-    def global_rank(self, ranks: Sequence[int]) -> int:
-        return max([self.settings.global_rank, *ranks])
-
     def initial_global(self, fresh: Adapter) -> Adapter:
         """Replace each A by the shared seeded A (B stays zero, so the product starts at zero)."""
         return {

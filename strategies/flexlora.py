@@ -23,9 +23,6 @@ class FlexLoraStrategy(LoraStrategy):
 
     name = "flexlora"
 
-    def global_rank(self, ranks: Sequence[int]) -> int:
-        return max([self.settings.global_rank, *ranks])
-
     def project(self, global_adapter: Adapter, rank: int) -> Adapter:
         return project_to_rank(global_adapter, rank, self.settings.alpha, method="svd")
 

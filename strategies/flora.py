@@ -44,9 +44,6 @@ class FloraStrategy(LoraStrategy):
 
     name = "flora"
 
-    def global_rank(self, ranks: Sequence[int]) -> int:
-        return max([self.settings.global_rank, *ranks])
-
     def project(self, global_adapter: Adapter, rank: int) -> Adapter:
         return project_to_rank(global_adapter, rank, self.settings.alpha, method="svd")
 

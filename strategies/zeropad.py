@@ -20,9 +20,6 @@ class ZeroPadLora(LoraStrategy):
 
     name = "zeropad"
 
-    def global_rank(self, ranks: Sequence[int]) -> int:
-        return max([self.settings.global_rank, *ranks])
-
     def project(self, global_adapter: Adapter, rank: int) -> Adapter:
         return project_to_rank(global_adapter, rank, self.settings.alpha, method="truncate")
 

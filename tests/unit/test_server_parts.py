@@ -115,3 +115,22 @@ def test_progress_line_shows_the_figures() -> None:
         "round 2/5 | eval_loss 1.2346 | exact_match 0.500 | train_loss n/a | lr 1.50e-03 | nodes 3/4"
     )
     assert "up 1.000 MB (0.14x fp32)" in line and "down 2.000 MB (1.00x fp32)" in line and "12.3 s" in line
+
+
+def test_config_and_registry_name_the_same_strategies() -> None:
+    from pollen.config import STRATEGIES
+    from strategies.registry import STRATEGY_CLASSES
+
+    assert list(STRATEGIES) == list(STRATEGY_CLASSES)
+
+
+def test_mixed_rank_plan_needs_a_strategy_that_mixes_ranks(run_config: dict) -> None:
+    from pollen.config import parse_run_config
+    from server_app.app import check_strategy_ranks
+
+    mixed = {**run_config, "strategy.rank-plan": "2,8"}
+    (problem,) = check_strategy_ranks(parse_run_config({**mixed, "strategy.name": "fedavg"}))
+    assert "strategy.rank-plan='2,8' mixes ranks" in problem and "'zeropad'" in problem
+    assert check_strategy_ranks(parse_run_config({**mixed, "strategy.name": "flora"})) == []
+    same = {**run_config, "strategy.rank-plan": str(run_config["lora.rank"])}
+    assert check_strategy_ranks(parse_run_config({**same, "strategy.name": "fedavg"})) == []
