@@ -18,10 +18,11 @@ from flwr.clientapp import ClientApp
 from flwr.common.constant import ErrorCode
 
 from pollen import protocol as P
-from pollen.adapter import Adapter, add, flatten, subtract, unflatten
+from pollen.adapter import Adapter, flatten, subtract, unflatten
 from pollen.codec import CodecError, WireSpec, decode, encode
 from pollen.config import ConfigError, NodeConfig, RunConfig, parse_node_config, parse_run_config
 from pollen.device import resolve_device
+from pollen.downlink import apply_payload, load_view, store_view
 from pollen.error_feedback import compensate, new_residual
 from pollen.model import LoraHost, load_base_model, load_tokenizer
 from pollen.training import train_steps
@@ -37,9 +38,6 @@ app = ClientApp()
 # context.state key of the error-feedback residual (what quantization dropped from the last delta).
 RESIDUAL_STATE = "pollen-residual"
 RESIDUAL_RANK_STATE = "pollen-residual-rank"  # ConfigRecord: the rank the residual belongs to
-# context.state keys of the downlink view: the adapter this node last received, and its version.
-VIEW_STATE = "pollen-view"
-VIEW_META_STATE = "pollen-view-version"
 
 
 @dataclass
@@ -245,25 +243,11 @@ def evaluate(message: Message, context: Context) -> Message:
 
 def _receive(message: Message, context: Context, config: ConfigRecord, rank: int, alpha: float) -> Adapter:
     """The global adapter at this node's rank: decoded whole, or as a change to the view kept in state."""
-    payload = unflatten(decode(message.content.array_records[P.ADAPTER]), scale=alpha / rank)
-    if P.DOWNLINK_VERSION not in config:
-        return payload
-    base = P.config_int(config, P.DOWNLINK_BASE)
-    if base == P.NO_VIEW:
-        adapter = payload
-    else:
-        meta = context.state.config_records.get(VIEW_META_STATE)
-        record = context.state.array_records.get(VIEW_STATE)
-        if meta is None or record is None or meta.get(P.DOWNLINK_VERSION) != base:
-            have = None if meta is None else meta.get(P.DOWNLINK_VERSION)
-            raise ValueError(
-                f"the server sent a change to adapter version {base}, but this node holds version {have!r}; "
-                "the server resends the whole adapter next round"
-            )
-        adapter = add(unflatten(dict(record.to_torch_state_dict()), scale=alpha / rank), payload)
-    context.state[VIEW_STATE] = ArrayRecord({k: v.contiguous() for k, v in flatten(adapter).items()})
-    version = P.config_int(config, P.DOWNLINK_VERSION)
-    context.state[VIEW_META_STATE] = ConfigRecord({P.DOWNLINK_VERSION: version})
+    scale = alpha / rank
+    held = load_view(context.state, scale) if P.DOWNLINK_VERSION in config else None
+    adapter, view = apply_payload(message.content.array_records[P.ADAPTER], config, scale, held)
+    if view is not None:
+        store_view(context.state, view)
     return adapter
 
 

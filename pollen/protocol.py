@@ -26,7 +26,6 @@ LR: Final = "lr"
 BATCH_SIZE: Final = "batch-size"
 MAX_SEQ_LEN: Final = "max-seq-len"
 RANK: Final = "rank"  # the rank of the adapter in ADAPTER, and the rank the node trains
-LORA_ALPHA: Final = "lora-alpha"
 SEED: Final = "seed"
 FINGERPRINT: Final = "fingerprint"  # base-model fingerprint (pollen.targets.model_fingerprint)
 UPLINK_BITS: Final = "uplink-bits"

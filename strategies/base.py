@@ -20,8 +20,9 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from pollen import protocol as P
-from pollen.adapter import Adapter, LoraFactors, add, flatten, subtract, unflatten
-from pollen.codec import CodecError, WireSpec, decode, encode
+from pollen.adapter import Adapter, LoraFactors, add, flatten, unflatten
+from pollen.codec import CodecError, WireSpec, decode
+from pollen.downlink import View, build_payload
 
 log = logging.getLogger("pollen")
 
@@ -112,9 +113,9 @@ class LoraStrategy(Strategy):
         self.node_keys: dict[int, int] = {}
         self._global: Adapter | None = None
         self._sent: dict[int, Adapter] = {}  # node id -> adapter it was sent, as it decodes it
-        # Downlink views: node id -> (version, the adapter the node holds); committed on an accepted reply.
-        self._views: dict[int, tuple[int, Adapter]] = {}
-        self._pending_views: dict[int, tuple[int, Adapter]] = {}
+        # Downlink views: node id -> the adapter the node holds; committed when the node replies.
+        self._views: dict[int, View] = {}
+        self._pending_views: dict[int, View] = {}
         self._downlink_delta = settings.downlink.bits < 32 and settings.downlink_feedback
         self._generator = torch.Generator().manual_seed(settings.seed)
 
@@ -275,31 +276,19 @@ class LoraStrategy(Strategy):
             raise RuntimeError("no global adapter: configure_* sets it")
         rank = self.rank_of(node_id)
         adapter = self.project(self._global, rank)
-        spec = self.settings.downlink
-        view = self._views.get(node_id) if kind == MessageType.TRAIN and self._downlink_delta else None
-        if view is not None and not _same_shapes(view[1], adapter):
-            view = None
-        base = view[1] if view is not None else None
-        payload = flatten(adapter) if base is None else flatten(subtract(adapter, base))
-        record = encode(payload, spec, self._generator)
-        if spec.bits == 32 and base is None:
-            decoded = adapter
-        else:
-            change = unflatten(decode(record), rank_scale(adapter))
-            decoded = change if base is None else add(base, change)
-        node_config = ConfigRecord(dict(config))  # never mutate the caller's record
-        if kind == MessageType.TRAIN and self._downlink_delta:
-            version = (view[0] if view is not None else 0) + 1
-            node_config[P.DOWNLINK_BASE] = view[0] if view is not None else P.NO_VIEW
-            node_config[P.DOWNLINK_VERSION] = version
-            self._pending_views[node_id] = (version, decoded)
+        by_change = kind == MessageType.TRAIN and self._downlink_delta
+        payload = build_payload(
+            adapter, self._views.get(node_id), self.settings.downlink, self._generator, by_change
+        )
+        node_config = ConfigRecord({**config, **payload.entries})  # never mutate the caller's record
+        if payload.version is not None:
+            self._pending_views[node_id] = View(payload.version, payload.received)
         node_config[P.ROUND] = server_round
         node_config[P.RANK] = rank
-        node_config[P.LORA_ALPHA] = self.settings.alpha
         node_config[P.FINGERPRINT] = self.settings.fingerprint
         node_config[P.TRAIN_A] = self.trains_a
-        content = RecordDict({P.ADAPTER: record, P.CONFIG: node_config})
-        return Message(content=content, message_type=kind, dst_node_id=node_id), decoded
+        content = RecordDict({P.ADAPTER: payload.record, P.CONFIG: node_config})
+        return Message(content=content, message_type=kind, dst_node_id=node_id), payload.received
 
     def _accept(self, reply: Message) -> NodeUpdate:
         """Check one train reply and decode its delta; raises with the reason when it is unusable."""
@@ -366,12 +355,6 @@ class LoraStrategy(Strategy):
                 self.report.rejected.append(reason)
                 log.warning("round %d: rejected an update: %s", server_round, reason)
                 del updates[i], metrics[i]
-
-
-def _same_shapes(left: Adapter, right: Adapter) -> bool:
-    return left.keys() == right.keys() and all(
-        left[m].a.shape == right[m].a.shape and left[m].b.shape == right[m].b.shape for m in left
-    )
 
 
 def rank_of_adapter(adapter: Adapter) -> int:

@@ -1,4 +1,4 @@
-"""Downlink by change: the server sends adapter minus the node's view; both sides stay in step."""
+"""Downlink by change through the strategy: the server sends adapter minus the node's view, in step."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ import torch
 from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 
-from client_app.app import _receive
 from pollen import protocol as P
 from pollen.adapter import Adapter, LoraFactors, add, flatten
 from pollen.codec import WireSpec, decode, encode
+from pollen.downlink import apply_payload, load_view, store_view
 from strategies.base import StrategySettings, adapter_to_record
 from strategies.fedavg import FedAvgLora
 
@@ -58,13 +58,22 @@ def _strategy() -> FedAvgLora:
     return FedAvgLora(settings)
 
 
+def _receive(message: Message, context: Context) -> Adapter:
+    """The node's half: decode against the view it holds, keep the new view."""
+    config = message.content.config_records[P.CONFIG]
+    held = load_view(context.state, ALPHA / RANK)
+    adapter, view = apply_payload(message.content.array_records[P.ADAPTER], config, ALPHA / RANK, held)
+    if view is not None:
+        store_view(context.state, view)
+    return adapter
+
+
 def _context() -> Context:
     return Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
 
 
 def _node_round(strategy: FedAvgLora, message: Message, context: Context) -> tuple[Adapter, Message]:
-    config = message.content.config_records[P.CONFIG]
-    received = _receive(message, context, config, RANK, ALPHA)
+    received = _receive(message, context)
     delta = {"m": LoraFactors(torch.zeros(RANK, 64), torch.full((32, RANK), 0.01), ALPHA / RANK)}
     content = RecordDict(
         {
@@ -117,7 +126,7 @@ def test_a_node_that_lost_its_view_is_refused_then_resent_whole() -> None:
     second = list(strategy.configure_train(2, adapter_to_record(_adapter(0)), ConfigRecord(), fake_grid()))
     fresh = _context()  # node 1 restarted and lost its state
     with pytest.raises(ValueError, match="holds version None"):
-        _receive(second[0], fresh, second[0].content.config_records[P.CONFIG], RANK, ALPHA)
+        _receive(second[0], fresh)
     failed = Message(Error(code=0, reason="lost view"), reply_to=second[0])
     ok = _node_round(strategy, second[1], contexts[2])[1]
     strategy.aggregate_train(2, [failed, ok])
