@@ -70,7 +70,7 @@ def write_section(name: str, section: str, path: Path = DOCS) -> None:
 
 def nodes_per_round(run_config: dict[str, Any], num_nodes: int) -> int:
     """How many nodes a training round samples: the strategies' rule (fraction, at least min-nodes)."""
-    from strategies.base import sample_size
+    from strategies.sampling import sample_size
 
     fraction, minimum = float(run_config["strategy.fraction-train"]), int(run_config["strategy.min-nodes"])
     return sample_size(num_nodes, fraction, minimum)

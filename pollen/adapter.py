@@ -133,3 +133,35 @@ def with_scale(adapter: Adapter, scale_for_rank: float) -> Adapter:
         target = scale_for_rank / pair.rank
         out[module] = LoraFactors(a=pair.a, b=pair.b * (pair.scale / target), scale=target)
     return out
+
+
+# The lossless stored form of an adapter (server checkpoints, Flower strategy hooks): fp32 factors keyed
+# ``<module>.A`` / ``<module>.B`` plus ``<module>.scale``, a one-element float64 tensor. Never sent to nodes.
+SCALE_SUFFIX = ".scale"
+
+
+def to_stored(adapter: Adapter) -> dict[str, torch.Tensor]:
+    """``adapter`` as stored: fp32 factors and each pair's exact scale, so a reload changes nothing."""
+    tensors = {k: v.detach().float().contiguous() for k, v in flatten(adapter).items()}
+    for module, pair in adapter.items():
+        tensors[module + SCALE_SUFFIX] = torch.tensor([pair.scale], dtype=torch.float64)
+    return tensors
+
+
+def from_stored(tensors: Mapping[str, torch.Tensor]) -> Adapter:
+    """Inverse of :func:`to_stored`; KeyError naming the module whose scale or factor is missing."""
+    factors = {k: v for k, v in tensors.items() if not k.endswith(SCALE_SUFFIX)}
+    adapter = unflatten(factors, scale=1.0)
+    extra = sorted(
+        k[: -len(SCALE_SUFFIX)]
+        for k in tensors
+        if k.endswith(SCALE_SUFFIX) and k[: -len(SCALE_SUFFIX)] not in adapter
+    )
+    if extra:
+        raise KeyError(f"stored adapter has scales without factors: {extra[:3]}")
+    out: Adapter = {}
+    for module, pair in adapter.items():
+        if module + SCALE_SUFFIX not in tensors:
+            raise KeyError(f"stored adapter lacks {module + SCALE_SUFFIX!r}")
+        out[module] = LoraFactors(a=pair.a, b=pair.b, scale=float(tensors[module + SCALE_SUFFIX].item()))
+    return out

@@ -9,10 +9,11 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
-from flwr.app import ArrayRecord, ConfigRecord, Context
+from flwr.app import ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
 from pollen import protocol as P
+from pollen.adapter import Adapter
 from pollen.codec import WireSpec
 from pollen.config import ConfigError, RunConfig, parse_run_config
 from pollen.model import (
@@ -29,6 +30,7 @@ from server_app.checkpoint import (
     Checkpoint,
     CheckpointError,
     checkpoint_round,
+    expected_keys,
     load_checkpoint,
     save_checkpoint,
 )
@@ -36,8 +38,9 @@ from server_app.evaluation import Evaluator, load_global
 from server_app.failures import FederationError
 from server_app.nodes import NodeDirectory
 from server_app.rounds import progress_line, run_round
-from strategies.base import LoraStrategy, StrategySettings, adapter_to_record
+from strategies.base import LoraStrategy, StrategySettings
 from strategies.registry import STRATEGY_CLASSES, build_strategy
+from strategies.sampling import wait_for_nodes as wait_for
 from tasks.checks import DataCheck, check_partitions, check_task_data
 from tasks.data import DataError, check_data_source
 from tasks.embedded import resolve_model_name
@@ -169,9 +172,9 @@ def build_evaluator(prep: Prepared, host: LoraHost) -> Evaluator:
     )
 
 
-def evaluation_row(evaluate: Evaluator, global_record: ArrayRecord, data: DataCheck) -> dict[str, Any]:
+def evaluation_row(evaluate: Evaluator, global_adapter: Adapter, data: DataCheck) -> dict[str, Any]:
     """The evaluation figures of a metrics row, with a warning for each figure there was nothing for."""
-    figures: dict[str, Any] = dict(evaluate(global_record))
+    figures: dict[str, Any] = dict(evaluate(global_adapter))
     for name, value in figures.items():
         if value is None:
             log.warning("evaluation: %s is n/a: no held-out example carries a response token", name)
@@ -221,22 +224,20 @@ def main(grid: Grid, context: Context) -> None:
     admit(strategy, nodes)
 
     meta = {"fingerprint": host.fingerprint, "strategy": cfg.strategy.name}
+    host.activate(strategy.global_rank(sorted(set(strategy.node_ranks.values()))))
+    global_adapter = strategy.initial_global(host.read())
     rows: list[dict[str, Any]] = []
     if cfg.output.resume:
-        checkpoint = load_checkpoint(folder.path / CHECKPOINT_DIR, require=meta)
-        global_record = ArrayRecord(dict(checkpoint.adapter))
-        rows = list(checkpoint.metrics)
+        checkpoint = resume(folder, strategy, expected_keys(global_adapter), meta)
+        global_adapter, rows = checkpoint.adapter, list(checkpoint.metrics)
         folder.rewrite_metrics(rows)  # drops any line of a round that was in flight
         folder.mark("running", server_round=checkpoint.round)
-        log.info("resuming %s after round %d", folder.path, checkpoint.round)
+        log.info("resuming %s after round %d (nodes get whole adapters)", folder.path, checkpoint.round)
     else:
-        global_rank = strategy.global_rank(sorted(set(strategy.node_ranks.values())))
-        host.activate(global_rank)
-        global_record = adapter_to_record(strategy.initial_global(host.read()))
         folder.create({"run_config": cfg.to_dict(), "base_model_path": model_path, **meta})
         folder.mark("running", server_round=0)
         log.info("run folder %s", folder.path)
-        round0 = evaluation_row(evaluate, global_record, prep.data)
+        round0 = evaluation_row(evaluate, global_adapter, prep.data)
         log.info("round 0 (base + initial adapter): %s", evaluation_text(round0, evaluate.figure_name()))
     strategy.summary()
 
@@ -246,27 +247,20 @@ def main(grid: Grid, context: Context) -> None:
             started = time.perf_counter()
             if nodes.discover(grid, timeout=cfg.strategy.round_timeout):
                 admit(strategy, nodes)
-            global_record, row = run_round(
+            global_adapter, row = run_round(
                 grid,
                 strategy,
                 server_round,
-                global_record,
+                global_adapter,
                 train_config(cfg, server_round),
                 cfg.strategy.round_timeout,
             )
-            row.update(evaluation_row(evaluate, global_record, prep.data))
+            row.update(evaluation_row(evaluate, global_adapter, prep.data))
             row["round_seconds"] = time.perf_counter() - started
             rows.append(row)
             folder.append_metrics(row)
-            save_checkpoint(
-                folder.path / CHECKPOINT_DIR,
-                Checkpoint(
-                    round=server_round,
-                    adapter=dict(global_record.to_torch_state_dict()),
-                    metrics=rows,
-                    meta=meta,
-                ),
-            )
+            checkpoint = Checkpoint(server_round, global_adapter, strategy.state(), rows, meta)
+            save_checkpoint(folder.path / CHECKPOINT_DIR, checkpoint)
             log.info(progress_line(row, cfg.num_server_rounds, evaluate.figure_name()))
     except FederationError as exc:
         folder.mark("failed", reason=str(exc), server_round=server_round)
@@ -277,7 +271,7 @@ def main(grid: Grid, context: Context) -> None:
         folder.mark("failed", reason=f"{type(exc).__name__}: {exc}", server_round=server_round)
         raise
 
-    load_global(host, global_record)
+    load_global(host, global_adapter)
     adapter_dir = folder.save_adapter(
         host.model.peft_config[host.active.name] if host.active else None,
         _peft_state(host),
@@ -325,13 +319,23 @@ def strategy_settings(cfg: RunConfig, fingerprint: str) -> StrategySettings:
 
 def wait_for_nodes(grid: Grid, count: int, timeout: float) -> None:
     """Block until ``count`` nodes are connected (bounded by ``timeout`` seconds)."""
-    deadline = time.monotonic() + timeout
-    while len(list(grid.get_node_ids())) < count:
-        if time.monotonic() > deadline:
-            raise TimeoutError(
-                f"fewer than strategy.min-nodes={count} nodes connected within {timeout:.0f} s"
-            )
-        time.sleep(1.0)
+    wait_for(lambda: list(grid.get_node_ids()), count, timeout, "nodes")
+
+
+def resume(
+    folder: RunFolder, strategy: LoraStrategy, expected: dict[str, tuple[int, ...]], meta: dict[str, Any]
+) -> Checkpoint:
+    """The run's last checkpoint, checked strictly against this run, with the strategy's state restored.
+
+    What only the nodes held (downlink views, error-feedback residuals) is not in it: a resumed run is a
+    new Flower run, so nodes start without them and the strategy sends whole adapters first.
+    """
+    try:
+        checkpoint = load_checkpoint(folder.path / CHECKPOINT_DIR, expected=expected, require=meta)
+        strategy.restore(checkpoint.strategy_state)
+    except (CheckpointError, ValueError) as exc:
+        _stop([f"output.resume: {exc}"])
+    return checkpoint
 
 
 def admit(strategy: LoraStrategy, nodes: NodeDirectory) -> None:

@@ -1,8 +1,9 @@
 """Round checkpoints of the ServerApp, so a stopped run continues from its last completed round.
 
-A checkpoint folder holds one ``adapter-<round>.safetensors`` (the global adapter's factors plus any
-tensor in the strategy state) and ``checkpoint.json`` (round, file name, SHA-256, the JSON part of the
-strategy state, metrics rows, metadata). Both are written to temporary names and renamed; the JSON is
+A checkpoint folder holds one ``adapter-<round>.safetensors`` (the global adapter in its stored form,
+``pollen.adapter.to_stored``: fp32 factors and exact scales, plus any tensor of the strategy state)
+and ``checkpoint.json`` (round, file name, SHA-256, the JSON part of the strategy state, metrics rows,
+metadata). Both are written to temporary names and renamed; the JSON is
 renamed last and is the commit point, so a crash at any moment leaves the previous checkpoint whole.
 """
 
@@ -19,6 +20,8 @@ from typing import Any
 
 import torch
 
+from pollen.adapter import Adapter, from_stored, to_stored
+
 STATE_FILE = "checkpoint.json"
 FORMAT_VERSION = 1
 _STRATEGY_PREFIX = "strategy/"  # tensors of the strategy state live in the safetensors under this prefix
@@ -33,8 +36,9 @@ class Checkpoint:
     """Everything a run needs to continue after ``round``."""
 
     round: int  # the last completed round
-    adapter: dict[str, torch.Tensor]  # global adapter factors, e.g. "<module>.A" -> (rank, in_features)
-    strategy_state: dict[str, Any] = field(default_factory=dict)  # JSON values or tensors, flat
+    adapter: Adapter  # the global adapter, factors and scales
+    # LoraStrategy.state(): JSON values or tensors, flat
+    strategy_state: dict[str, Any] = field(default_factory=dict)
     metrics: list[dict[str, Any]] = field(default_factory=list)  # one row per completed round
     meta: dict[str, Any] = field(default_factory=dict)  # e.g. base-model fingerprint, rank, strategy name
 
@@ -105,7 +109,8 @@ def save_checkpoint(folder: Path, checkpoint: Checkpoint) -> Path:
 
     if checkpoint.round < 0:
         raise CheckpointError(f"round={checkpoint.round} is not valid: expected an integer >= 0")
-    bad = [k for k in checkpoint.adapter if k.startswith(_STRATEGY_PREFIX)]
+    stored = to_stored(checkpoint.adapter)
+    bad = [k for k in stored if k.startswith(_STRATEGY_PREFIX)]
     if bad:
         raise CheckpointError(f"adapter key {bad[0]!r} uses the reserved prefix {_STRATEGY_PREFIX!r}")
     strategy_tensors, strategy_plain = _split_strategy_state(checkpoint.strategy_state)
@@ -118,9 +123,7 @@ def save_checkpoint(folder: Path, checkpoint: Checkpoint) -> Path:
     }
 
     folder.mkdir(parents=True, exist_ok=True)
-    tensors = {
-        k: v.detach().cpu().contiguous() for k, v in {**checkpoint.adapter, **strategy_tensors}.items()
-    }
+    tensors = {k: v.detach().cpu().contiguous() for k, v in {**stored, **strategy_tensors}.items()}
     name = _adapter_file(checkpoint.round)
     tmp_tensors = folder / f".{name}.tmp"
     save_file(tensors, str(tmp_tensors), metadata={"format": "pt"})
@@ -179,6 +182,11 @@ def _read_document(folder: Path) -> dict[str, Any]:
     return document
 
 
+def expected_keys(adapter: Adapter) -> dict[str, tuple[int, ...]]:
+    """The stored keys and shapes a checkpoint of an adapter shaped like ``adapter`` must have."""
+    return {key: tuple(tensor.shape) for key, tensor in to_stored(adapter).items()}
+
+
 def _check_keys(
     adapter: Mapping[str, torch.Tensor], expected: Mapping[str, tuple[int, ...]], source: Path
 ) -> None:
@@ -206,8 +214,9 @@ def load_checkpoint(
 ) -> Checkpoint:
     """Read the checkpoint in ``folder``; fail with one line when it is damaged or does not fit.
 
-    ``expected`` maps every adapter key to its shape (strict: missing and unexpected keys are both
-    reported); ``require`` lists metadata that must be equal (e.g. the base-model fingerprint).
+    ``expected`` maps every key of the stored adapter to its shape (:func:`expected_keys`; strict:
+    missing and unexpected keys are both reported); ``require`` lists metadata that must be equal
+    (e.g. the base-model fingerprint).
     """
     from safetensors import SafetensorError
     from safetensors.torch import load_file
@@ -223,13 +232,17 @@ def load_checkpoint(
     except (SafetensorError, OSError) as exc:
         raise CheckpointError(f"{tensor_path} could not be read: {exc}") from exc
 
-    adapter = {k: v for k, v in tensors.items() if not k.startswith(_STRATEGY_PREFIX)}
+    stored = {k: v for k, v in tensors.items() if not k.startswith(_STRATEGY_PREFIX)}
     strategy_state: dict[str, Any] = dict(document["strategy_state"])
     for key, value in tensors.items():
         if key.startswith(_STRATEGY_PREFIX):
             strategy_state[key[len(_STRATEGY_PREFIX) :]] = value
     if expected is not None:
-        _check_keys(adapter, expected, tensor_path)
+        _check_keys(stored, expected, tensor_path)
+    try:
+        adapter = from_stored(stored)
+    except (KeyError, ValueError) as exc:
+        raise CheckpointError(f"{tensor_path} does not hold a whole adapter: {exc}") from exc
     meta = dict(document["meta"])
     for key, wanted in (require or {}).items():
         if meta.get(key) != wanted:

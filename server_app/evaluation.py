@@ -6,11 +6,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from flwr.app import ArrayRecord
-
-from pollen.adapter import with_scale
+from pollen.adapter import Adapter, with_scale
 from pollen.model import LoraHost
-from strategies.base import adapter_from_record
 from tasks.batches import TokenizedExample
 from tasks.evaluation import generate_answers, generation_score, response_loss
 from tasks.metrics import FIGURE_NAMES
@@ -19,9 +16,8 @@ from tasks.prompts import ALPACA, PromptFormat
 EVAL_BATCH_SIZE = 32
 
 
-def load_global(host: LoraHost, global_record: ArrayRecord) -> None:
+def load_global(host: LoraHost, adapter: Adapter) -> None:
     """Make the global adapter the host's active one (at its rank, rescaled to PEFT's alpha / rank)."""
-    adapter = adapter_from_record(global_record)
     host.activate(next(iter(adapter.values())).rank)
     host.write(with_scale(adapter, host.lora.alpha))
 
@@ -47,9 +43,9 @@ class Evaluator:
         """The metrics.jsonl key of the metric's figure (None for ``loss``)."""
         return FIGURE_NAMES.get(self.metric)
 
-    def __call__(self, global_record: ArrayRecord) -> dict[str, float | None]:
+    def __call__(self, global_adapter: Adapter) -> dict[str, float | None]:
         """``eval_loss`` and the metric's figure of the global adapter; None where there are no examples."""
-        load_global(self.host, global_record)
+        load_global(self.host, global_adapter)
         model = self.host.model
         result: dict[str, float | None] = {
             "eval_loss": response_loss(model, self.examples, self.tokenizer.pad_token_id, EVAL_BATCH_SIZE)

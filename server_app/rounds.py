@@ -11,6 +11,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
 from pollen import protocol as P
+from pollen.adapter import Adapter
 from pollen.codec import CodecError, WireSpec, decode, encode, serialized_nbytes
 from server_app.failures import FederationError, round_failure
 from strategies.base import LoraStrategy
@@ -51,26 +52,26 @@ def run_round(
     grid: Grid,
     strategy: LoraStrategy,
     server_round: int,
-    global_record: ArrayRecord,
+    global_adapter: Adapter,
     config: ConfigRecord,
     timeout: float,
-) -> tuple[ArrayRecord, dict[str, Any]]:
+) -> tuple[Adapter, dict[str, Any]]:
     """One round: train on sampled nodes, aggregate, optionally evaluate on nodes; returns the new global."""
     started = time.perf_counter()
-    messages = list(strategy.configure_train(server_round, global_record, config, grid))
+    messages = strategy.train_messages(server_round, global_adapter, config, grid)
     downlink, downlink_fp32 = _bytes(messages), _bytes_fp32(messages)
     replies = list(grid.send_and_receive(messages, timeout=timeout))
     _stop_if_broken("train", server_round, len(messages), replies)
     uplink, uplink_fp32 = _bytes(replies), _bytes_fp32(replies)
-    new_record, train_metrics = strategy.aggregate_train(server_round, replies)
+    new_adapter, train_metrics = strategy.aggregate(server_round, replies)
     report = strategy.report
-    if new_record is None:
+    if new_adapter is None:
         log.warning(
             "round %d: no usable update (%d rejected); the global adapter is unchanged",
             server_round,
             len(report.rejected),
         )
-        new_record = global_record
+        new_adapter = global_adapter
     row: dict[str, Any] = {
         "round": server_round,
         "lr": _metric(config, P.LR),  # the round's rate as scheduled, before a strategy's multiple
@@ -87,7 +88,7 @@ def run_round(
         "uplink_bytes_fp32": uplink_fp32,
         "downlink_bytes_fp32": downlink_fp32,
     }
-    eval_messages = list(strategy.configure_evaluate(server_round, new_record, config, grid))
+    eval_messages = strategy.evaluate_messages(server_round, new_adapter, config, grid)
     if eval_messages:
         row["downlink_bytes"] += _bytes(eval_messages)
         row["downlink_bytes_fp32"] += _bytes_fp32(eval_messages)
@@ -97,7 +98,7 @@ def run_round(
         row["uplink_bytes_fp32"] += _bytes_fp32(eval_replies)
         federated = strategy.aggregate_evaluate(server_round, eval_replies)
         row["federated_eval_loss"] = _metric(federated, P.EVAL_LOSS)
-    return new_record, row
+    return new_adapter, row
 
 
 def _stop_if_broken(kind: str, server_round: int, asked: int, replies: list[Message]) -> None:

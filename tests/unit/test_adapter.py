@@ -70,3 +70,21 @@ def test_rank_mismatch_is_rejected() -> None:
 def test_unflatten_rejects_stray_names() -> None:
     with pytest.raises(KeyError, match="end in .A or .B"):
         unflatten({"m.A": torch.zeros(1, 2), "m.B": torch.zeros(2, 1), "m.C": torch.zeros(1)}, scale=1.0)
+
+
+def test_the_stored_form_keeps_factors_and_exact_scales_and_refuses_a_missing_scale() -> None:
+    from pollen.adapter import from_stored, to_stored
+
+    g = torch.Generator().manual_seed(0)
+    adapter = {
+        "q": LoraFactors(torch.randn(3, 8, generator=g), torch.randn(5, 3, generator=g), 16.0 / 3.0),
+        "v": LoraFactors(torch.randn(3, 8, generator=g), torch.randn(4, 3, generator=g), 0.1),
+    }
+    stored = to_stored(adapter)
+    assert sorted(stored) == ["q.A", "q.B", "q.scale", "v.A", "v.B", "v.scale"]
+    back = from_stored(stored)
+    for module, pair in adapter.items():
+        assert torch.equal(back[module].a, pair.a) and back[module].scale == pair.scale  # float64: exact
+    del stored["v.scale"]
+    with pytest.raises(KeyError, match="lacks 'v.scale'"):
+        from_stored(stored)

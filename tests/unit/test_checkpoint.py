@@ -9,26 +9,23 @@ from pathlib import Path
 import pytest
 import torch
 
+from pollen.adapter import Adapter, LoraFactors
 from server_app import checkpoint as ck
 from server_app.checkpoint import (
     Checkpoint,
     CheckpointError,
     checkpoint_round,
+    expected_keys,
     load_checkpoint,
     save_checkpoint,
 )
 
 
-def _adapter(rank: int = 4) -> dict[str, torch.Tensor]:
+def _adapter(rank: int = 4) -> Adapter:
     g = torch.Generator().manual_seed(rank)
-    return {
-        "layers.0.q_proj.A": torch.randn(rank, 16, generator=g),  # (rank, in_features)
-        "layers.0.q_proj.B": torch.randn(32, rank, generator=g),  # (out_features, rank)
-    }
-
-
-def _shapes(adapter: dict[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
-    return {k: tuple(v.shape) for k, v in adapter.items()}
+    a = torch.randn(rank, 16, generator=g)  # (rank, in_features)
+    b = torch.randn(32, rank, generator=g)  # (out_features, rank)
+    return {"layers.0.q_proj": LoraFactors(a=a, b=b, scale=16.0 / 3.0 / rank)}
 
 
 def _checkpoint(server_round: int = 2, rank: int = 4) -> Checkpoint:
@@ -44,11 +41,14 @@ def _checkpoint(server_round: int = 2, rank: int = 4) -> Checkpoint:
 def test_round_trip_is_exact(tmp_path: Path) -> None:
     saved = _checkpoint()
     save_checkpoint(tmp_path, saved)
-    loaded = load_checkpoint(tmp_path, expected=_shapes(saved.adapter), require={"fingerprint": "abc123"})
+    loaded = load_checkpoint(
+        tmp_path, expected=expected_keys(saved.adapter), require={"fingerprint": "abc123"}
+    )
     assert loaded.round == 2 and loaded.metrics == saved.metrics and loaded.meta == saved.meta
     assert loaded.adapter.keys() == saved.adapter.keys()
-    for key, tensor in saved.adapter.items():
-        assert torch.equal(loaded.adapter[key], tensor)
+    for module, pair in saved.adapter.items():
+        got = loaded.adapter[module]
+        assert torch.equal(got.a, pair.a) and torch.equal(got.b, pair.b) and got.scale == pair.scale
     assert torch.equal(loaded.strategy_state["rng"], saved.strategy_state["rng"])
     assert loaded.strategy_state["sent"] == {"3": 4} and loaded.strategy_state["name"] == "fedavg"
     assert checkpoint_round(tmp_path) == 2
@@ -83,7 +83,7 @@ def test_crash_before_commit_keeps_previous_checkpoint(
 
 def test_missing_and_unexpected_keys_are_both_reported(tmp_path: Path) -> None:
     save_checkpoint(tmp_path, _checkpoint())
-    expected = _shapes(_adapter())
+    expected = expected_keys(_adapter())
     expected["layers.0.v_proj.A"] = expected.pop("layers.0.q_proj.A")
     with pytest.raises(CheckpointError) as info:
         load_checkpoint(tmp_path, expected=expected)
@@ -92,10 +92,10 @@ def test_missing_and_unexpected_keys_are_both_reported(tmp_path: Path) -> None:
     assert "unexpected keys ['layers.0.q_proj.A']" in message
 
 
-def test_rank_mismatch_names_key_and_shapes(tmp_path: Path) -> None:
+def test_rank_mismatch_names_key_andexpected_keys(tmp_path: Path) -> None:
     save_checkpoint(tmp_path, _checkpoint(rank=4))
     with pytest.raises(CheckpointError, match=r"q_proj.A has shape \(4, 16\), this run expects \(8, 16\)"):
-        load_checkpoint(tmp_path, expected=_shapes(_adapter(rank=8)))
+        load_checkpoint(tmp_path, expected=expected_keys(_adapter(rank=8)))
 
 
 def test_required_metadata_must_match(tmp_path: Path) -> None:

@@ -13,7 +13,7 @@ from pollen import protocol as P
 from pollen.adapter import Adapter, LoraFactors, add, flatten
 from pollen.codec import WireSpec, decode, encode
 from pollen.downlink import apply_payload, load_view, store_view
-from strategies.base import StrategySettings, adapter_to_record
+from strategies.base import StrategySettings
 from strategies.fedavg import FedAvgLora
 
 ALPHA, RANK = 16.0, 4
@@ -90,11 +90,7 @@ def test_node_and_server_agree_on_every_round_and_changes_are_small() -> None:
     contexts = {1: _context(), 2: _context()}
     global_adapter = _adapter(0)
     for server_round in (1, 2, 3):
-        messages = list(
-            strategy.configure_train(
-                server_round, adapter_to_record(global_adapter), ConfigRecord(), fake_grid()
-            )
-        )
+        messages = list(strategy.train_messages(server_round, global_adapter, ConfigRecord(), fake_grid()))
         bases = [m.content.config_records[P.CONFIG][P.DOWNLINK_BASE] for m in messages]
         assert bases == ([P.NO_VIEW] * 2 if server_round == 1 else [server_round - 1] * 2)
         replies = []
@@ -106,8 +102,8 @@ def test_node_and_server_agree_on_every_round_and_changes_are_small() -> None:
                 received["m"].b, sent["m"].b
             )
             replies.append(reply)
-        record, _ = strategy.aggregate_train(server_round, replies)
-        assert record is not None and strategy.report.accepted == 2
+        new, _ = strategy.aggregate(server_round, replies)
+        assert new is not None and strategy.report.accepted == 2
         step = {"m": LoraFactors(torch.zeros(RANK, 64), torch.full((32, RANK), 0.01), ALPHA / RANK)}
         global_adapter = add(global_adapter, step)
     # after round 1 only changes travel: the last change is small next to the adapter itself
@@ -120,15 +116,15 @@ def test_node_and_server_agree_on_every_round_and_changes_are_small() -> None:
 def test_a_node_that_lost_its_view_is_refused_then_resent_whole() -> None:
     strategy = _strategy()
     contexts = {1: _context(), 2: _context()}
-    messages = list(strategy.configure_train(1, adapter_to_record(_adapter(0)), ConfigRecord(), fake_grid()))
+    messages = list(strategy.train_messages(1, _adapter(0), ConfigRecord(), fake_grid()))
     replies = [_node_round(strategy, m, contexts[m.metadata.dst_node_id])[1] for m in messages]
-    strategy.aggregate_train(1, replies)
-    second = list(strategy.configure_train(2, adapter_to_record(_adapter(0)), ConfigRecord(), fake_grid()))
+    strategy.aggregate(1, replies)
+    second = list(strategy.train_messages(2, _adapter(0), ConfigRecord(), fake_grid()))
     fresh = _context()  # node 1 restarted and lost its state
     with pytest.raises(ValueError, match="holds version None"):
         _receive(second[0], fresh)
     failed = Message(Error(code=0, reason="lost view"), reply_to=second[0])
     ok = _node_round(strategy, second[1], contexts[2])[1]
-    strategy.aggregate_train(2, [failed, ok])
-    third = list(strategy.configure_train(3, adapter_to_record(_adapter(0)), ConfigRecord(), fake_grid()))
+    strategy.aggregate(2, [failed, ok])
+    third = list(strategy.train_messages(3, _adapter(0), ConfigRecord(), fake_grid()))
     assert third[0].content.config_records[P.CONFIG][P.DOWNLINK_BASE] == P.NO_VIEW

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, cast
 
 import pytest
+import torch
 from flwr.app import Context, Message, RecordDict
 from flwr.serverapp import Grid
 
@@ -138,3 +139,87 @@ def test_no_node_able_to_join_stops_before_anything_is_written(
     assert code == 1 and "train" not in grid.sent
     assert any("no node could join (2 of 2 refused)" in line and "lora-rank=-3" in line for line in errors)
     assert not (tmp_path / "out").exists()
+
+
+class _CutGrid(InProcessGrid):
+    """An InProcessGrid whose ServerApp is stopped (as by a crash) when it sends round ``cut``'s training."""
+
+    def __init__(self, run_config: dict[str, Any], node_configs: dict[int, dict[str, Any]], cut: int) -> None:
+        super().__init__(run_config, node_configs)
+        self.cut = cut
+        self.train_configs: list[dict[str, Any]] = []
+
+    def send_and_receive(
+        self, messages: Iterable[Message], timeout: float | None = None
+    ) -> Iterator[Message]:
+        messages = list(messages)
+        train = [
+            dict(m.content.config_records["config"]) for m in messages if m.metadata.message_type == "train"
+        ]
+        if train and train[0]["server-round"] == self.cut:
+            raise KeyboardInterrupt("the server was stopped")
+        self.train_configs += train
+        return super().send_and_receive(messages, timeout)
+
+
+def _serve(grid: InProcessGrid, config: dict[str, Any]) -> None:
+    main(
+        cast(Grid, grid), Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=config)
+    )
+
+
+def _rows(run_dir: Path) -> list[dict[str, Any]]:
+    keys = ("round", "eval_loss", "exact_match", "train_loss", "lr", "uplink_bytes", "downlink_bytes")
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [{k: row[k] for k in keys} for row in rows]
+
+
+NODES = {11: {"partition-id": 0, "num-partitions": 2}, 12: {"partition-id": 1, "num-partitions": 2}}
+
+
+def _resumable(run_config: dict[str, Any], tmp_path: Path, **wire: Any) -> dict[str, Any]:
+    return {**_small(run_config, tmp_path), "num-server-rounds": 3, "train.local-steps": 2, **wire}
+
+
+@pytest.mark.parametrize(("uplink", "downlink"), [(32, 32), (4, 32), (4, 4)])
+def test_a_resumed_run_continues_equal_to_an_uninterrupted_one(
+    run_config: dict[str, Any], tmp_path: Path, uplink: int, downlink: int
+) -> None:
+    """Error feedback off: nothing lives only on the nodes, so resuming loses nothing. With a 4-bit
+    downlink every message is a whole adapter rounded with the server's generator, which is restored."""
+    from safetensors.torch import load_file
+
+    wire = {"wire.error-feedback": False, "wire.uplink-bits": uplink, "wire.downlink-bits": downlink}
+    config = _resumable(run_config, tmp_path, **wire)
+    _serve(InProcessGrid(config, NODES), {**config, "output.run-name": "whole"})
+    cut = {**config, "output.run-name": "cut"}
+    with pytest.raises(KeyboardInterrupt):
+        _serve(_CutGrid(cut, NODES, cut=3), cut)
+    assert json.loads((tmp_path / "out" / "cut" / "status.json").read_text())["status"] == "failed"
+    resumed = {**cut, "output.resume": True}
+    _serve(InProcessGrid(resumed, NODES), resumed)  # a new Flower run: fresh node state
+
+    whole, again = tmp_path / "out" / "whole", tmp_path / "out" / "cut"
+    assert _rows(again) == _rows(whole) and len(_rows(whole)) == 3
+    left = load_file(str(whole / "adapter" / "adapter_model.safetensors"))
+    right = load_file(str(again / "adapter" / "adapter_model.safetensors"))
+    assert left.keys() == right.keys() and all(torch.equal(left[k], right[k]) for k in left)
+
+
+def test_a_resumed_run_restarts_node_state_cleanly(run_config: dict[str, Any], tmp_path: Path) -> None:
+    """Error feedback on, 4-bit downlink: views and residuals lived on the nodes; the resumed run starts
+    them afresh (whole adapters first) instead of sending changes to a view no node holds."""
+    config = _resumable(run_config, tmp_path, **{"wire.error-feedback": True, "wire.downlink-bits": 4})
+    with pytest.raises(KeyboardInterrupt):
+        _serve(_CutGrid(config, NODES, cut=3), config)
+    resumed = {**config, "output.resume": True}
+    grid = _CutGrid(resumed, NODES, cut=99)
+    _serve(grid, resumed)
+    (row3,) = [r for r in _rows(tmp_path / "out" / "broken") if r["round"] == 3]
+    assert [c["downlink-base"] for c in grid.train_configs] == [-1, -1]  # whole adapters, version 1
+    assert [c["downlink-version"] for c in grid.train_configs] == [1, 1]
+    assert isinstance(row3["eval_loss"], float)
+    rows = [
+        json.loads(line) for line in (tmp_path / "out" / "broken" / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert rows[-1]["nodes_accepted"] == 2 and rows[-1]["nodes_rejected"] == 0

@@ -14,7 +14,7 @@ from flwr.serverapp import Grid
 from pollen import protocol as P
 from pollen.adapter import Adapter, LoraFactors, flatten, unflatten
 from pollen.codec import WireSpec, decode, encode
-from strategies.base import StrategySettings, adapter_from_record, adapter_to_record
+from strategies.base import StrategySettings
 from strategies.fedavg import FedAvgLora
 
 ALPHA, RANK = 16.0, 4
@@ -106,14 +106,12 @@ def _delta(value: float) -> Adapter:
 
 def _configure(strategy: FedAvgLora, nodes: int = 6) -> list[Message]:
     config = ConfigRecord({P.LR: 0.1})
-    messages = list(
-        strategy.configure_train(1, adapter_to_record(_global()), config, fake_grid(range(1, nodes + 1)))
-    )
+    messages = list(strategy.train_messages(1, _global(), config, fake_grid(range(1, nodes + 1))))
     assert dict(config) == {P.LR: 0.1}  # the caller's record is never mutated
     return messages
 
 
-def test_configure_train_samples_and_encodes_per_node() -> None:
+def test_train_messages_sample_and_encode_per_node() -> None:
     messages = _configure(FedAvgLora(_settings()))
     assert len(messages) == 3  # ceil(0.5 * 6)
     again = _configure(FedAvgLora(_settings()))
@@ -133,7 +131,7 @@ def test_same_seed_samples_the_same_partitions_whatever_the_node_ids() -> None:
         strategy = FedAvgLora(_settings())
         strategy.node_keys = {node: partition for partition, node in enumerate(node_ids)}
         config = ConfigRecord({P.LR: 0.1})
-        messages = strategy.configure_train(1, adapter_to_record(_global()), config, fake_grid(node_ids))
+        messages = strategy.train_messages(1, _global(), config, fake_grid(node_ids))
         sampled.append([strategy.node_keys[m.metadata.dst_node_id] for m in messages])
     assert sampled[0] == sampled[1] and sampled[0] == sorted(sampled[0])
 
@@ -146,7 +144,7 @@ def test_min_nodes_overrides_a_small_fraction() -> None:
 def test_sampling_waits_for_min_nodes_then_fails_clearly() -> None:
     strategy = FedAvgLora(_settings(min_nodes=5, wait_seconds=0.1))
     with pytest.raises(TimeoutError, match="only 2 usable nodes connected"):
-        list(strategy.configure_train(1, adapter_to_record(_global()), ConfigRecord(), fake_grid([1, 2])))
+        list(strategy.train_messages(1, _global(), ConfigRecord(), fake_grid([1, 2])))
 
 
 def test_fedavg_adds_the_weighted_mean_delta() -> None:
@@ -155,9 +153,8 @@ def test_fedavg_adds_the_weighted_mean_delta() -> None:
     replies = [
         _reply(m, _delta(v), examples=w) for m, v, w in zip(messages, (1.0, 2.0, 4.0), (1, 1, 2), strict=True)
     ]
-    record, metrics = strategy.aggregate_train(1, replies)
-    assert record is not None and metrics is not None
-    new = adapter_from_record(record)
+    new, metrics = strategy.aggregate(1, replies)
+    assert new is not None and metrics is not None
     expected = np.average([1.0, 2.0, 4.0], weights=[1, 1, 2])
     for module, pair in _global().items():
         assert torch.allclose(new[module].a, pair.a + expected, atol=1e-6)
@@ -200,11 +197,10 @@ def test_a_bad_reply_is_rejected_and_the_round_goes_on(kind: str, caplog: pytest
         BAD_REPLIES[kind](messages[2]),
     ]
     with caplog.at_level("WARNING", logger="pollen"):
-        record, _ = strategy.aggregate_train(1, replies)
-    assert record is not None
+        new, _ = strategy.aggregate(1, replies)
+    assert new is not None
     assert strategy.report.accepted == 2 and len(strategy.report.rejected) == 1
     assert "rejected" in caplog.text
-    new = adapter_from_record(record)
     module, pair = next(iter(_global().items()))
     assert torch.allclose(new[module].a, pair.a + 2.0, atol=1e-6)  # mean of the two good deltas
 
@@ -213,11 +209,54 @@ def test_an_outlier_delta_is_dropped() -> None:
     strategy = FedAvgLora(_settings(fraction_train=1.0))
     messages = _configure(strategy, nodes=4)
     replies = [_reply(m, _delta(v)) for m, v in zip(messages, (1.0, 1.1, 0.9, 500.0), strict=True)]
-    strategy.aggregate_train(1, replies)
+    strategy.aggregate(1, replies)
     assert strategy.report.accepted == 3 and "over 20.0x" in strategy.report.rejected[0]
 
 
 def test_no_usable_reply_gives_no_new_global() -> None:
     strategy = FedAvgLora(_settings())
     messages = _configure(strategy)
-    assert strategy.aggregate_train(1, [_reply(messages[0], _delta(1.0), fingerprint="x")]) == (None, None)
+    assert strategy.aggregate(1, [_reply(messages[0], _delta(1.0), fingerprint="x")]) == (None, None)
+
+
+def test_flower_hooks_carry_the_stored_adapter_and_agree_with_the_adapter_api() -> None:
+    """Flower's Strategy.start loop calls configure_train / aggregate_train with ArrayRecords."""
+    from pollen.adapter import from_stored, to_stored
+
+    by_adapter, by_record = FedAvgLora(_settings()), FedAvgLora(_settings())
+    grid = fake_grid(range(1, 7))
+    sent = by_adapter.train_messages(1, _global(), ConfigRecord({P.LR: 0.1}), grid)
+    hooked = list(
+        by_record.configure_train(1, ArrayRecord(to_stored(_global())), ConfigRecord({P.LR: 0.1}), grid)
+    )
+    assert [m.metadata.dst_node_id for m in sent] == [m.metadata.dst_node_id for m in hooked]
+    new, _ = by_adapter.aggregate(1, [_reply(m, _delta(1.0)) for m in sent])
+    record, _ = by_record.aggregate_train(1, [_reply(m, _delta(1.0)) for m in hooked])
+    assert new is not None and record is not None
+    stored = from_stored(record.to_torch_state_dict())
+    for module, pair in new.items():
+        assert torch.equal(stored[module].a, pair.a) and torch.equal(stored[module].b, pair.b)
+        assert stored[module].scale == pair.scale
+
+
+def test_strategy_state_restores_the_downlink_generator_and_refuses_a_bad_one() -> None:
+    quantized = _settings(downlink=WireSpec(bits=4))
+    first = FedAvgLora(quantized)
+    first.train_messages(1, _global(), ConfigRecord(), fake_grid(range(1, 7)))
+    state = first.state()
+    after = [
+        m.content.array_records[P.ADAPTER]
+        for m in first.train_messages(2, _global(), ConfigRecord(), fake_grid(range(1, 7)))
+    ]
+    resumed = FedAvgLora(quantized)
+    resumed.restore(state)
+    again = [
+        m.content.array_records[P.ADAPTER]
+        for m in resumed.train_messages(2, _global(), ConfigRecord(), fake_grid(range(1, 7)))
+    ]
+    for left, right in zip(after, again, strict=True):
+        assert all(
+            torch.equal(a, b) for a, b in zip(decode(left).values(), decode(right).values(), strict=True)
+        )
+    with pytest.raises(ValueError, match="downlink-generator"):
+        resumed.restore({})
