@@ -31,7 +31,8 @@ def _node(payload_record: object, entries: dict[str, int], state: RecordDict) ->
 
 def test_by_change_the_node_decodes_exactly_what_the_server_expects() -> None:
     generator, state = torch.Generator().manual_seed(0), RecordDict()
-    spec, view, adapter = WireSpec(bits=4), None, _adapter(0)
+    spec, adapter = WireSpec(bits=4), _adapter(0)
+    view: View | None = None
     for step in range(4):
         payload = build_payload(adapter, view, spec, generator, by_change=True)
         assert payload.entries[P.DOWNLINK_BASE] == (P.NO_VIEW if step == 0 else step)
@@ -41,6 +42,7 @@ def test_by_change_the_node_decodes_exactly_what_the_server_expects() -> None:
         view = View(payload.version or 0, payload.received)
         adapter = add(adapter, _adapter(10 + step), alpha=0.01)
     # quantization error does not pile up: the view tracks the adapter
+    assert view is not None
     gap = (view.adapter["m"].b - adapter["m"].b).abs().max()
     assert float(gap) < 0.2 * float(adapter["m"].b.abs().max())
 
