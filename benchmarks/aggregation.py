@@ -1,9 +1,10 @@
 """Time one round of the server's aggregation math at Llama-2-7B shapes; write docs/BENCHMARKS.md.
 
 Scenario: q_proj and v_proj of 32 layers (64 modules of 4096x4096), 8 nodes of ranks 4,4,8,8,16,16,32,64,
-random factors, weights proportional to random numbers of examples. FlexLoRA is timed twice: through the
-low-rank route Pollen uses (two thin QRs and a small SVD per module) and through the dense route (form the
-4096x4096 sum, ``torch.linalg.svd``) on a few modules, scaled to 64.
+random factors, weights proportional to random numbers of examples. What is timed is the shipped code:
+each strategy's ``combine`` (the server's aggregation step) and ``project`` (one adapter per node), on
+NodeUpdates as the strategy's reply validation makes them. FlexLoRA is also timed through the dense route
+(form the 4096x4096 sum, ``torch.linalg.svd``) on a few modules, scaled to 64, and compared.
 
 Usage (from the repository root, with Pollen installed): ``python benchmarks/aggregation.py``.
 ``--quick`` runs a small scenario for smoke tests and only prints, unless ``--docs`` is given.
@@ -29,12 +30,11 @@ if str(ROOT) not in sys.path:
 
 from benchmarks.report import DOCS, load_average, machine_line, write_section  # noqa: E402
 from pollen.adapter import Adapter, LoraFactors  # noqa: E402
-from strategies.math.fedavg import average_factors, normalize_weights  # noqa: E402
-from strategies.math.ffa import ffa_aggregate  # noqa: E402
-from strategies.math.flexlora import lowrank_svd  # noqa: E402
-from strategies.math.flora import stack_factors  # noqa: E402
-from strategies.math.projection import adapter_from_svd, project_to_rank  # noqa: E402
-from strategies.math.zeropad import zeropad_aggregate  # noqa: E402
+from pollen.codec import WireSpec  # noqa: E402
+from strategies.base import LoraStrategy, StrategySettings  # noqa: E402
+from strategies.math.common import normalize_weights  # noqa: E402
+from strategies.registry import build_strategy  # noqa: E402
+from strategies.replies import NodeUpdate  # noqa: E402
 
 T = TypeVar("T")
 MAX_PRODUCT_DIFFERENCE = 1e-4  # low-rank vs dense FlexLoRA, relative Frobenius norm
@@ -111,31 +111,46 @@ class Timing:
         return Timing(self.wall * factor, self.cpu * factor)
 
 
-def random_updates(scenario: Scenario, ranks: Sequence[int], seed: int) -> list[Adapter]:
-    """One adapter per node: A like PEFT's init, B as after a little training; scale alpha / rank."""
-    generator = torch.Generator().manual_seed(seed)
+def random_adapter(scenario: Scenario, rank: int, generator: torch.Generator, b_std: float) -> Adapter:
+    """A like PEFT's init, B of standard deviation ``b_std``; scale alpha / rank."""
     bound = scenario.features**-0.5
-    updates: list[Adapter] = []
-    for rank in ranks:
-        adapter: Adapter = {}
-        for name in scenario.module_names:
-            a = (torch.rand((rank, scenario.features), generator=generator) * 2 - 1) * bound  # (rank, in)
-            b = torch.randn((scenario.features, rank), generator=generator) * 0.01  # (out, rank)
-            adapter[name] = LoraFactors(a=a, b=b, scale=scenario.alpha / rank)
-        updates.append(adapter)
+    adapter: Adapter = {}
+    for name in scenario.module_names:
+        a = (torch.rand((rank, scenario.features), generator=generator) * 2 - 1) * bound  # (rank, in)
+        b = torch.randn((scenario.features, rank), generator=generator) * b_std  # (out, rank)
+        adapter[name] = LoraFactors(a=a, b=b, scale=scenario.alpha / rank)
+    return adapter
+
+
+def strategy_for(name: str, scenario: Scenario, global_rank: int, **changes: object) -> LoraStrategy:
+    """A strategy as the ServerApp builds it, at a 32-bit downlink."""
+    settings = StrategySettings(
+        fraction_train=1.0,
+        fraction_evaluate=0.0,
+        min_nodes=1,
+        alpha=scenario.alpha,
+        global_rank=global_rank,
+        fingerprint="benchmark",
+        downlink=WireSpec(bits=32),
+        seed=0,
+    )
+    return build_strategy(name, StrategySettings(**{**settings.__dict__, **changes}))  # type: ignore[arg-type]
+
+
+def node_updates(
+    strategy: LoraStrategy, global_adapter: Adapter, scenario: Scenario, ranks: Sequence[int], seed: int
+) -> list[NodeUpdate]:
+    """What each node was sent (the strategy's projection) and a random delta, as replies validate to."""
+    generator = torch.Generator().manual_seed(seed)
+    examples = torch.randint(100, 5000, (len(ranks),), generator=generator)
+    updates = []
+    for node, rank in enumerate(ranks):
+        sent = strategy.project(global_adapter, rank)
+        delta = random_adapter(scenario, rank, generator, b_std=0.01)
+        if not strategy.trains_a:  # FFA-LoRA: A stays frozen, its delta is zero
+            delta = {m: LoraFactors(torch.zeros_like(p.a), p.b, p.scale) for m, p in delta.items()}
+        updates.append(NodeUpdate(node, rank, sent, delta, float(examples[node])))
     return updates
-
-
-def shared_a_updates(updates: Sequence[Adapter]) -> list[Adapter]:
-    """FFA-LoRA inputs: every node's A replaced by a prefix of the largest-rank node's A."""
-    largest = max(range(len(updates)), key=lambda k: next(iter(updates[k].values())).rank)
-    return [
-        {
-            name: LoraFactors(a=updates[largest][name].a[: pair.rank], b=pair.b, scale=pair.scale)
-            for name, pair in update.items()
-        }
-        for update in updates
-    ]
 
 
 def time_call(step: Callable[[], T]) -> tuple[Timing, T]:
@@ -151,14 +166,11 @@ def median_seconds(step: Callable[[], object], repeats: int) -> Timing:
     return runs[len(runs) // 2]
 
 
-def dense_flexlora(
-    updates: Sequence[Adapter], fractions: Sequence[float], name: str, rank: int
-) -> torch.Tensor:
-    """The dense route for one module: form ``W = sum_k p_k s_k B_k A_k``, take its full thin SVD.
-
-    Returns the rank-``rank`` truncation in float64, to compare with the low-rank route.
-    """
-    pairs = [update[name] for update in updates]
+def dense_flexlora(updates: Sequence[NodeUpdate], name: str, rank: int) -> torch.Tensor:
+    """The dense route for one module: form ``W = sum_k p_k s_k B_k A_k`` of the trained modules, take
+    its full thin SVD. Returns the rank-``rank`` truncation in float64, to compare with what runs."""
+    fractions = normalize_weights([u.weight for u in updates], len(updates))
+    pairs = [u.trained()[name] for u in updates]
     dense = torch.zeros(pairs[0].b.shape[0], pairs[0].a.shape[1])  # (out_features, in_features)
     for pair, fraction in zip(pairs, fractions, strict=True):
         dense.addmm_(pair.b, pair.a, alpha=fraction * pair.scale)
@@ -166,89 +178,87 @@ def dense_flexlora(
     return (u[:, :rank].double() * s[:rank].double()) @ vh[:rank].double()  # (out_features, in_features)
 
 
-def time_fedavg(scenario: Scenario, weights: Sequence[float]) -> Row:
-    """FedAvg needs equal ranks, so it gets its own federation with every node at ``equal_rank``."""
-    equal = random_updates(scenario, [scenario.equal_rank] * len(weights), seed=2)
-    seconds = median_seconds(lambda: average_factors(equal, weights), scenario.repeats)
-    work = f"average A and B of {len(weights)} rank-{scenario.equal_rank} updates"
-    return Row("FedAvg (FedIT)", work, str(scenario.num_modules), seconds)
+def time_strategy(
+    strategy: LoraStrategy, global_adapter: Adapter, updates: Sequence[NodeUpdate], repeats: int
+) -> tuple[Timing, Timing, Adapter]:
+    """Median time of ``combine`` and of ``project`` to every node's rank, and the new global adapter."""
+    combined = median_seconds(lambda: strategy.combine(global_adapter, updates), repeats)
+    new_global = strategy.combine(global_adapter, updates)
+    per_node = median_seconds(lambda: [strategy.project(new_global, u.rank) for u in updates], repeats)
+    return combined, per_node, new_global
 
 
-def time_zeropad(scenario: Scenario, updates: Sequence[Adapter], weights: Sequence[float]) -> list[Row]:
-    """Zero-padding, plain and norm-weighted, and the per-node truncation that follows it."""
-    modules, repeats = str(scenario.num_modules), scenario.repeats
-    ranks = ",".join(str(r) for r in scenario.node_ranks)
-    top = max(scenario.node_ranks)
-    plain = median_seconds(lambda: zeropad_aggregate(updates, weights), repeats)
-    weighted = median_seconds(lambda: zeropad_aggregate(updates, weights, norm_weighted=True), repeats)
-    padded = zeropad_aggregate(updates, weights)
-    per_node = median_seconds(
-        lambda: [project_to_rank(padded, r, scenario.alpha, "truncate") for r in scenario.node_ranks], repeats
+def run(scenario: Scenario) -> tuple[list[Row], dict[str, float]]:
+    """Time every strategy on ``scenario``; return table rows and the FlexLoRA comparison numbers."""
+    modules, repeats, nodes = str(scenario.num_modules), scenario.repeats, len(scenario.node_ranks)
+    ranks, top = scenario.node_ranks, max(scenario.node_ranks)
+    plan = ",".join(str(r) for r in ranks)
+    generator = torch.Generator().manual_seed(0)
+    rows: list[Row] = []
+
+    equal = scenario.equal_rank
+    fedavg = strategy_for("fedavg", scenario, equal)
+    start = random_adapter(scenario, equal, generator, b_std=0.01)
+    combined, _, _ = time_strategy(
+        fedavg, start, node_updates(fedavg, start, scenario, [equal] * nodes, 1), repeats
     )
-    return [
-        Row("Zero-padding (HetLoRA)", f"pad ranks {ranks} to {top}, average", modules, plain),
-        Row(
-            "Zero-padding, norm-weighted",
-            "same, weights x Frobenius norm of s B A (no dense product)",
-            modules,
-            weighted,
-        ),
-        Row(
-            "Zero-padding, per-node truncation",
-            f"{len(weights)} node adapters from the global",
-            modules,
-            per_node,
-        ),
-    ]
-
-
-def time_flora_and_ffa(scenario: Scenario, updates: Sequence[Adapter], weights: Sequence[float]) -> list[Row]:
-    """FLoRA stacking, and FFA-LoRA on the same B's with every A a prefix of one shared A."""
-    modules, repeats = str(scenario.num_modules), scenario.repeats
-    stacking = median_seconds(lambda: stack_factors(updates, weights), repeats)
-    ffa_updates = shared_a_updates(updates)
-    ffa = median_seconds(lambda: ffa_aggregate(ffa_updates, weights), repeats)
-    return [
-        Row(
-            "FLoRA stacking", f"concatenate to rank {sum(scenario.node_ranks)} (exact sum)", modules, stacking
-        ),
-        Row("FFA-LoRA", "check shared A, pad and average B", modules, ffa),
-    ]
-
-
-def time_flexlora(
-    scenario: Scenario, updates: Sequence[Adapter], weights: Sequence[float]
-) -> tuple[list[Row], dict[str, float]]:
-    """FlexLoRA through the low-rank route (all modules) and the dense route (a few modules, scaled)."""
-    modules, repeats, nodes = str(scenario.num_modules), scenario.repeats, len(weights)
-    rank_sum, top = sum(scenario.node_ranks), max(scenario.node_ranks)
-    # The server needs components up to the largest node rank only.
-    svd_seconds = median_seconds(lambda: lowrank_svd(updates, weights, max_rank=top), repeats)
-    svds = lowrank_svd(updates, weights, max_rank=top)
-    per_node = median_seconds(
-        lambda: [adapter_from_svd(svds, r, scenario.alpha) for r in scenario.node_ranks], repeats
+    rows.append(
+        Row("FedAvg (FedIT)", f"add the weighted mean of {nodes} rank-{equal} deltas", modules, combined)
     )
-    lowrank_seconds = svd_seconds + per_node
 
-    fractions = normalize_weights(weights, nodes)
+    start = random_adapter(scenario, top, generator, b_std=0.01)  # a global adapter of the largest rank
+    for name, changes, work in (
+        ("zeropad", {}, f"pad deltas of ranks {plan} to {top}, average, add"),
+        (
+            "zeropad",
+            {"norm_weighted": True},
+            "same, weights x norm of each trained module s B'A' (no dense product)",
+        ),
+        (
+            "flora",
+            {},
+            f"stack global and {nodes} trained/sent pairs (rank {top + 2 * sum(ranks)}), QRs, SVD, top {top}",
+        ),
+        ("ffa", {}, "pad and average the B deltas (A frozen, never sent), add"),
+    ):
+        strategy = strategy_for(name, scenario, top, **changes)
+        begin = strategy.initial_global(start)
+        combined, per_node, _ = time_strategy(
+            strategy, begin, node_updates(strategy, begin, scenario, ranks, 2), repeats
+        )
+        if changes:  # the same projection as plain zero-padding: only combine is timed
+            rows.insert(-1, Row("Zero-padding, norm-weighted", work, modules, combined))
+            continue
+        label = {"zeropad": "Zero-padding (HetLoRA)", "flora": "FLoRA stacking", "ffa": "FFA-LoRA"}[name]
+        how = "SVD" if name == "flora" else "truncation"
+        rows.append(Row(label, work, modules, combined))
+        rows.append(
+            Row(f"{label}, per-node {how}", f"{nodes} node adapters from the global", modules, per_node)
+        )
+
+    flexlora = strategy_for("flexlora", scenario, top)
+    updates = node_updates(flexlora, start, scenario, ranks, 3)
+    combined, per_node, new_global = time_strategy(flexlora, start, updates, repeats)
+    lowrank_seconds = combined + per_node
     subset = scenario.module_names[: scenario.dense_modules]
     dense_time, differences = Timing(0.0, 0.0), []
     for name in subset:
-        timing, dense_product = time_call(partial(dense_flexlora, updates, fractions, name, top))
+        timing, dense_product = time_call(partial(dense_flexlora, updates, name, top))
         dense_time = dense_time + timing
-        gap = svds[name].product(top).double() - dense_product
+        pair = new_global[name]
+        gap = pair.scale * (pair.b.double() @ pair.a.double()) - dense_product
         differences.append(float(torch.linalg.norm(gap) / torch.linalg.norm(dense_product)))
     scale_up = scenario.num_modules / len(subset)
     dense_seconds = dense_time * scale_up + per_node
     size = f"{scenario.features}x{scenario.features}"
-    rows = [
+    rows += [
         Row(
             "FlexLoRA, low-rank SVD",
-            f"stack, 2 thin QRs, {rank_sum}x{rank_sum} SVD, keep top {top}",
+            f"stack {nodes} trained pairs (rank {sum(ranks)}), 2 thin QRs, SVD, keep top {top}",
             modules,
-            svd_seconds,
+            combined,
         ),
-        Row("FlexLoRA, per-node factors", f"{nodes} node adapters from the shared SVD", modules, per_node),
+        Row("FlexLoRA, per-node SVD", f"{nodes} node adapters from the global", modules, per_node),
         Row("**FlexLoRA, low-rank route, total**", "one round, all nodes", modules, lowrank_seconds),
         Row(
             "**FlexLoRA, dense route, total**",
@@ -270,19 +280,6 @@ def time_flexlora(
     return rows, comparison
 
 
-def run(scenario: Scenario) -> tuple[list[Row], dict[str, float]]:
-    """Time every method on ``scenario``; return table rows and the FlexLoRA comparison numbers."""
-    nodes = len(scenario.node_ranks)
-    examples = torch.randint(100, 5000, (nodes,), generator=torch.Generator().manual_seed(1))
-    weights = [float(n) for n in examples]  # numbers of examples; each function normalises them
-    updates = random_updates(scenario, scenario.node_ranks, seed=0)
-    rows = [time_fedavg(scenario, weights)]
-    rows += time_zeropad(scenario, updates, weights)
-    rows += time_flora_and_ffa(scenario, updates, weights)
-    flex_rows, comparison = time_flexlora(scenario, updates, weights)
-    return rows + flex_rows, comparison
-
-
 def render(
     scenario: Scenario,
     rows: Sequence[Row],
@@ -302,7 +299,8 @@ def render(
         f"({scenario.num_modules} modules, {scenario.features}x{scenario.features} each); "
         f"{len(scenario.node_ranks)} nodes of ranks {ranks}, lora_alpha {scenario.alpha:g} "
         "(scale alpha/rank); "
-        "random factors; weights proportional to random numbers of examples. "
+        "random factors; weights proportional to random numbers of examples. Timed: each strategy's "
+        "`combine` (the aggregation step) and `project` (one adapter per node) as the server runs them. "
         f"Times are medians of {scenario.repeats} run(s), float32 factors, torch threads as in Machine.",
         "",
         "| method | what is timed | modules timed | wall s per round, all modules | CPU s (all threads) |",

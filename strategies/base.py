@@ -51,7 +51,7 @@ class StrategySettings:
     seed: int
     wait_seconds: float = 600.0  # how long sampling waits for min_nodes to connect
     downlink_feedback: bool = True  # quantized downlink sends changes since the node's last adapter
-    norm_weighted: bool = False  # zeropad: weight each update also by its norm (HetLoRA)
+    norm_weighted: bool = False  # zeropad: weight each node also by the norm of its trained module (HetLoRA)
     ffa_lr_multiplier: float = 1.0  # ffa: factor on the learning rate nodes train B with
 
 

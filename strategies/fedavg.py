@@ -5,8 +5,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from pollen.adapter import Adapter, add
-from strategies.base import LoraStrategy, NodeUpdate
+from strategies.base import LoraStrategy
 from strategies.math.fedavg import average_factors
+from strategies.replies import NodeUpdate
 
 
 class FedAvgLora(LoraStrategy):

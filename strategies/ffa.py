@@ -12,10 +12,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from pollen.adapter import Adapter, LoraFactors, add
-from strategies.base import LoraStrategy, NodeUpdate
+from strategies.base import LoraStrategy
+from strategies.math.common import pad_b
 from strategies.math.ffa import average_b, shared_a
 from strategies.math.projection import project_to_rank
-from strategies.math.zeropad import pad_b
+from strategies.replies import NodeUpdate
 
 
 class FfaLora(LoraStrategy):

@@ -11,11 +11,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from pollen.adapter import Adapter, LoraFactors
-from strategies.base import LoraStrategy, NodeUpdate
+from pollen.adapter import Adapter
+from strategies.base import LoraStrategy
 from strategies.math.flexlora import lowrank_svd
-from strategies.math.projection import project_to_rank
-from strategies.math.zeropad import pad_a, pad_b
+from strategies.math.projection import balanced_factors, project_to_rank
+from strategies.replies import NodeUpdate
 
 
 class FlexLoraStrategy(LoraStrategy):
@@ -28,14 +28,6 @@ class FlexLoraStrategy(LoraStrategy):
 
     def combine(self, global_adapter: Adapter, updates: Sequence[NodeUpdate]) -> Adapter:
         rank = next(iter(global_adapter.values())).rank
-        svd = lowrank_svd([u.trained() for u in updates], [u.weight for u in updates], max_rank=rank)
-        out: Adapter = {}
-        for module, factors in svd.items():
-            root = factors.s.clamp_min(0).sqrt()  # (R,)
-            # A layer narrower than the rank has fewer singular directions: zero slots keep one rank.
-            out[module] = LoraFactors(
-                a=pad_a((root[:, None] * factors.vh).float(), rank),  # (rank, in_features)
-                b=pad_b((factors.u * root[None, :]).float(), rank),  # (out_features, rank)
-                scale=1.0,
-            )
-        return out
+        svds = lowrank_svd([u.trained() for u in updates], [u.weight for u in updates], max_rank=rank)
+        # A layer narrower than the rank has fewer singular directions: zero slots keep one rank.
+        return {module: balanced_factors(svd, rank) for module, svd in svds.items()}

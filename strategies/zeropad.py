@@ -1,18 +1,22 @@
-"""HetLoRA-style zero padding: nodes train the first r_k slots of one max-rank global adapter.
+"""Zero padding (HetLoRA's layout): nodes train the first r_k slots of one max-rank global adapter.
 
 Each node receives the global factors truncated to its rank (B rescaled to its ``alpha / r_k``); its
-delta is zero-padded back to the global rank and averaged factor by factor, optionally weighted by
-the norm of each update. Error feedback is meaningful: every slot persists across rounds.
+delta is zero-padded back to the global rank and the deltas are averaged factor by factor and added to
+the global (docs/STRATEGIES.md compares this with HetLoRA's average of trained modules). With
+``strategy.norm-weighted`` each node's weight is also multiplied, per module, by the norm of its trained
+module (HetLoRA's norm weights). Error feedback is meaningful: every slot persists across rounds.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-from pollen.adapter import Adapter, LoraFactors, add
-from strategies.base import LoraStrategy, NodeUpdate
+from pollen.adapter import Adapter, add
+from strategies.base import LoraStrategy
+from strategies.math.common import pad_pair
 from strategies.math.projection import project_to_rank
-from strategies.math.zeropad import pad_a, pad_b, zeropad_aggregate
+from strategies.math.zeropad import zeropad_aggregate
+from strategies.replies import NodeUpdate
 
 
 class ZeroPadLora(LoraStrategy):
@@ -24,20 +28,11 @@ class ZeroPadLora(LoraStrategy):
         return project_to_rank(global_adapter, rank, self.settings.alpha, method="truncate")
 
     def combine(self, global_adapter: Adapter, updates: Sequence[NodeUpdate]) -> Adapter:
-        mean = zeropad_aggregate(
-            [u.delta for u in updates], [u.weight for u in updates], norm_weighted=self.settings.norm_weighted
-        )
-        return add(global_adapter, _as_global(mean, global_adapter))
-
-
-def _as_global(delta: Adapter, global_adapter: Adapter) -> Adapter:
-    """``delta`` zero-padded to the global rank, with B rescaled to the global scale."""
-    out: Adapter = {}
-    for module, pair in delta.items():
-        target = global_adapter[module]
-        out[module] = LoraFactors(
-            a=pad_a(pair.a, target.rank),  # (global_rank, in_features)
-            b=pad_b(pair.b * (pair.scale / target.scale), target.rank),  # (out_features, global_rank)
-            scale=target.scale,
-        )
-    return out
+        trained = [u.trained() for u in updates] if self.settings.norm_weighted else None
+        mean = zeropad_aggregate([u.delta for u in updates], [u.weight for u in updates], norm_of=trained)
+        # The mean delta at the global rank and scale (its rank is the largest node rank).
+        padded = {
+            module: pad_pair(pair, global_adapter[module].rank, global_adapter[module].scale)
+            for module, pair in mean.items()
+        }
+        return add(global_adapter, padded)

@@ -6,8 +6,9 @@ and the module name (:func:`shared_a`), so A need not be sent at all.
 
 Heterogeneous ranks: the rank-``r`` A is the first ``r`` rows of the max-rank A (row ``i`` depends only on
 seed, module and ``i``), so the A's are nested. B's are zero-padded to the largest rank and averaged, with
-each ``B_k`` multiplied by ``s_k / s_out`` (``s_out``: the scale of the first largest-rank update); then
-``s_out * B_avg @ A_max`` equals ``sum_k p_k s_k B_k A_k`` exactly.
+each ``B_k`` multiplied by ``s_k / s_out`` (:func:`average_b`); then ``s_out * B_avg @ A_max`` equals
+``sum_k p_k s_k B_k A_k`` exactly. Pollen's strategy averages the B *deltas* this way at the global scale
+and adds the mean to the global B; A never changes, so nodes need not send it.
 """
 
 from __future__ import annotations
@@ -17,17 +18,13 @@ from collections.abc import Sequence
 
 import torch
 
-from pollen.adapter import Adapter, LoraFactors
-from strategies.math.fedavg import (
-    check_layer_shapes,
+from strategies.math.common import (
     check_scale_values,
-    check_scales,
-    common_modules,
+    lora_a_init_bound,
     normalize_weights,
+    pad_b,
     weighted_sum,
 )
-from strategies.math.projection import lora_a_init_bound
-from strategies.math.zeropad import pad_b
 
 
 def _row_seed(seed: int, module_name: str, row: int) -> int:
@@ -94,35 +91,3 @@ def average_b(
         scaled = [b * (s / target) for b, s in zip(bs, checked, strict=True)]
     padded = [pad_b(b, max_rank) for b in scaled]  # each (out_features, max_rank)
     return weighted_sum(padded, fractions)
-
-
-def ffa_aggregate(updates: Sequence[Adapter], weights: Sequence[float], atol: float = 0.0) -> Adapter:
-    """Average B only; A is returned unchanged (the largest-rank A, of which every other A is a prefix).
-
-    Raises ValueError if some update's A differs from that prefix by more than ``atol`` (default: exact
-    equality, since a frozen A decoded without loss is bit-identical); pass a tolerance if the wire codec
-    quantizes A. When A is not transmitted, build it with :func:`shared_a` and call :func:`average_b`.
-    """
-    fractions = normalize_weights(weights, len(updates))
-    aggregated: Adapter = {}
-    for module in common_modules(updates):
-        pairs = [update[module] for update in updates]
-        check_layer_shapes(module, pairs)
-        scales = check_scales(module, pairs)
-        ranks = [pair.rank for pair in pairs]
-        reference = ranks.index(max(ranks))
-        a_max = pairs[reference].a  # (max_rank, in_features)
-        for index, pair in enumerate(pairs):
-            prefix = a_max[: pair.rank].to(pair.a.dtype)
-            if not torch.allclose(pair.a, prefix, rtol=0.0, atol=atol):
-                gap = float((pair.a - prefix).abs().max())
-                raise ValueError(
-                    f"module {module!r}: update {index} has an A that differs from the shared A by up to "
-                    f"{gap:.3g} (tolerance {atol}); FFA-LoRA keeps A frozen, so every node must build it "
-                    "with shared_a from the same seed and never train it"
-                )
-        b = average_b(
-            [pair.b for pair in pairs], fractions, scales=scales, out_scale=scales[reference]
-        )  # (out_features, max_rank)
-        aggregated[module] = LoraFactors(a=a_max.clone(), b=b, scale=scales[reference])
-    return aggregated

@@ -13,13 +13,13 @@ product is unchanged) and small random A rows, drawn like PEFT's LoRA-A init fro
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from pollen.adapter import Adapter, LoraFactors
-from strategies.math.zeropad import truncate
+from strategies.math.common import lora_a_init_bound, pad_a, pad_b, truncate
 
 PROJECTION_METHODS = ("truncate", "svd")
 # Singular values at or below this fraction of the largest are numerically zero: the directions they
@@ -54,11 +54,6 @@ class SVDFactors:
         """Dense rank-``rank`` truncation ``U_r S_r Vh_r``; (out_features, in_features). For tests."""
         r = self.rank if rank is None else min(rank, self.rank)
         return (self.u[:, :r] * self.s[:r]) @ self.vh[:r]
-
-
-def lora_a_init_bound(in_features: int) -> float:
-    """Bound of PEFT's LoRA-A init, ``kaiming_uniform_(a=sqrt(5))``: ``U(-1/sqrt(in), 1/sqrt(in))``."""
-    return 1.0 / math.sqrt(in_features)
 
 
 def fresh_a_rows(
@@ -142,14 +137,22 @@ def factors_from_svd(
     return pad_rank(pair, rank, generator)
 
 
-def adapter_from_svd(
-    svds: Mapping[str, SVDFactors], rank: int, alpha: float, generator: torch.Generator | None = None
-) -> Adapter:
-    """:func:`factors_from_svd` for every module: one node's rank-``rank`` adapter from shared SVDs."""
-    _check_rank_alpha(rank, alpha)
-    if generator is None:
-        generator = torch.Generator().manual_seed(DEFAULT_PADDING_SEED)
-    return {module: factors_from_svd(svd, rank, alpha, generator) for module, svd in svds.items()}
+def balanced_factors(svd: SVDFactors, rank: int) -> LoraFactors:
+    """The leading ``rank`` SVD components as a scale-1.0 pair, ``sqrt(S)`` split evenly between B and A.
+
+    Slots beyond the SVD's rank (a layer narrower than ``rank``) are zero in both A and B, so the product
+    is ``U_r S_r Vh_r`` exactly. Meant for the server's global adapter, which nodes only ever receive
+    through :func:`project_to_rank`; a node's own pair needs trainable slots (:func:`factors_from_svd`).
+    Returned in float32.
+    """
+    if rank < 1:
+        raise ValueError(f"rank must be at least 1, got {rank}")
+    root = svd.s[:rank].clamp_min(0).sqrt()  # (kept,)
+    return LoraFactors(
+        a=pad_a((root[:, None] * svd.vh[:rank]).float(), rank),  # (rank, in_features)
+        b=pad_b((svd.u[:, :rank] * root[None, :]).float(), rank),  # (out_features, rank)
+        scale=1.0,
+    )
 
 
 def _project_by_truncation(

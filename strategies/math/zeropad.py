@@ -1,4 +1,4 @@
-"""HetLoRA-style zero-padding: pad every client's factors to the largest rank, then average them.
+"""Zero-padding (HetLoRA's layout): pad every client's factors to the largest rank, then average them.
 
 Rank ``r_k`` factors are embedded in the top-left corner of rank ``R = max_k r_k`` factors (extra A rows
 and extra B columns are zero), so ranks can differ. Like FedAvg it averages A and B separately, so the
@@ -7,6 +7,12 @@ product of the result is *not* the weighted sum of the clients' products unless 
 Scale rule: the output keeps the scale of the first update with the largest rank (``s_out``), and each
 client's B is multiplied by ``s_k / s_out`` before averaging, so every client's own product
 ``s_k B_k A_k`` is represented exactly at the output scale; no lora_alpha is assumed.
+
+Averaging the clients' trained adapters is HetLoRA's rule; averaging their factor deltas and adding the
+mean to a global adapter is what Pollen's ``zeropad`` strategy does (docs/STRATEGIES.md compares them).
+
+Optional norm weights (HetLoRA's "sparsity-weighted aggregation"): per module, each client's weight is
+multiplied by the Frobenius norm of its *trained* module ``s_k B'_k A'_k`` (:func:`hetlora_weights`).
 """
 
 from __future__ import annotations
@@ -14,14 +20,14 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-import torch
-
 from pollen.adapter import Adapter, LoraFactors
-from strategies.math.fedavg import (
+from strategies.math.common import (
     check_layer_shapes,
     check_scales,
     common_modules,
     normalize_weights,
+    pad_a,
+    pad_b,
     weighted_sum,
 )
 
@@ -37,48 +43,66 @@ def product_norm(pair: LoraFactors) -> float:
     return abs(float(pair.scale)) * math.sqrt(max(squared, 0.0))
 
 
-def pad_a(a: torch.Tensor, rank: int) -> torch.Tensor:
-    """A (r, in) -> (rank, in) with zero rows appended."""
-    padded = a.new_zeros((rank, a.shape[1]))  # (rank, in_features)
-    padded[: a.shape[0]] = a
-    return padded
-
-
-def pad_b(b: torch.Tensor, rank: int) -> torch.Tensor:
-    """B (out, r) -> (out, rank) with zero columns appended."""
-    padded = b.new_zeros((b.shape[0], rank))  # (out_features, rank)
-    padded[:, : b.shape[1]] = b
-    return padded
-
-
 def _norm_weighted_fractions(pairs: Sequence[LoraFactors], fractions: Sequence[float]) -> list[float]:
-    """Multiply each fraction by the norm of that client's update and renormalise (HetLoRA)."""
+    """Multiply each fraction by the norm of that client's module and renormalise."""
     scaled = [fraction * product_norm(pair) for fraction, pair in zip(fractions, pairs, strict=True)]
     total = math.fsum(scaled)
     if total <= 0.0 or not math.isfinite(total):
-        # Every weighted update is zero (e.g. untrained B): fall back to the plain weights.
+        # Every weighted module is zero (e.g. B still at its zero init): fall back to the plain weights.
         return list(fractions)
     return [value / total for value in scaled]
 
 
+def hetlora_weights(trained: Sequence[Adapter], weights: Sequence[float]) -> dict[str, list[float]]:
+    """HetLoRA's per-module client fractions: weight times ``||s_k B'_k A'_k||_F``, normalised over clients.
+
+    ``trained`` are the clients' adapters after local training (received + delta), not their deltas:
+    the norm of a delta's own product is second order and is zero for a client whose A did not move.
+    With equal ``weights`` this is exactly HetLoRA's rule; if every module is zero, the plain fractions.
+    """
+    fractions = normalize_weights(weights, len(trained))
+    module_fractions: dict[str, list[float]] = {}
+    for module in common_modules(trained):
+        pairs = [adapter[module] for adapter in trained]
+        check_layer_shapes(module, pairs)
+        check_scales(module, pairs)
+        module_fractions[module] = _norm_weighted_fractions(pairs, fractions)
+    return module_fractions
+
+
 def zeropad_aggregate(
-    updates: Sequence[Adapter], weights: Sequence[float], norm_weighted: bool = False
+    updates: Sequence[Adapter], weights: Sequence[float], norm_of: Sequence[Adapter] | None = None
 ) -> Adapter:
     """Zero-pad every module's factors to the largest rank and average A and B separately.
 
-    With ``norm_weighted`` each client's weight is also multiplied by the Frobenius norm of its product
-    ``s_k B_k A_k`` (per module), so larger updates count more, as in HetLoRA.
+    With ``norm_of`` (each client's trained adapter, in the order of ``updates``) the weights are
+    HetLoRA's norm weights of :func:`hetlora_weights` instead of the plain normalised ``weights``.
     """
     fractions = normalize_weights(weights, len(updates))
+    modules = common_modules(updates)
+    if norm_of is None:
+        per_module = {module: fractions for module in modules}
+    else:
+        if len(norm_of) != len(updates):
+            raise ValueError(
+                f"got {len(norm_of)} trained adapters for the norm weights of {len(updates)} updates; "
+                "pass one per update, in the same order"
+            )
+        per_module = hetlora_weights(norm_of, weights)
+        if set(per_module) != set(modules):
+            raise ValueError(
+                "the trained adapters passed as norm_of cover other modules than the updates; "
+                "pass each client's received adapter plus its delta"
+            )
     aggregated: Adapter = {}
-    for module in common_modules(updates):
+    for module in modules:
         pairs = [update[module] for update in updates]
         check_layer_shapes(module, pairs)
         scales = check_scales(module, pairs)
         ranks = [pair.rank for pair in pairs]
         max_rank = max(ranks)
         out_scale = scales[ranks.index(max_rank)]
-        module_fractions = _norm_weighted_fractions(pairs, fractions) if norm_weighted else fractions
+        module_fractions = per_module[module]
         padded_a = [pad_a(pair.a, max_rank) for pair in pairs]  # each (max_rank, in_features)
         # Fold s_k / s_out into B so that s_out * B_padded @ A_padded == s_k * B_k @ A_k for each client.
         padded_b = [
@@ -90,27 +114,3 @@ def zeropad_aggregate(
             scale=out_scale,
         )
     return aggregated
-
-
-def truncate(adapter: Adapter, rank: int) -> Adapter:
-    """Keep the first ``rank`` rows of every A and columns of every B, with the scale unchanged.
-
-    The scale stays the per-element multiplier, so the result's product is exactly the sum of the first
-    ``rank`` rank-one terms ``scale * b_i a_i``. To hand a node factors at its own ``lora_alpha / rank``
-    scale (and to pad to a larger rank) use ``projection.project_to_rank(..., method="truncate")``.
-    """
-    if rank < 1:
-        raise ValueError(f"rank must be at least 1, got {rank}")
-    truncated: Adapter = {}
-    for module, pair in adapter.items():
-        if rank > pair.rank:
-            raise ValueError(
-                f"module {module!r} has rank {pair.rank}, cannot truncate to the larger rank {rank}; "
-                "use projection.project_to_rank to pad"
-            )
-        truncated[module] = LoraFactors(
-            a=pair.a[:rank].clone(),  # (rank, in_features)
-            b=pair.b[:, :rank].clone(),  # (out_features, rank)
-            scale=pair.scale,
-        )
-    return truncated

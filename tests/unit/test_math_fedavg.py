@@ -1,15 +1,13 @@
-"""FedIT averaging and the shared weight checks, against ``np.average`` references."""
+"""FedIT averaging, against ``np.average`` references."""
 
 from __future__ import annotations
-
-import math
 
 import numpy as np
 import pytest
 import torch
 
 from pollen.adapter import LoraFactors
-from strategies.math.fedavg import average_factors, normalize_weights
+from strategies.math.fedavg import average_factors
 from tests.unit.factors import ALPHA, MODULES, random_adapter
 
 
@@ -62,28 +60,6 @@ def test_different_module_sets_are_rejected() -> None:
     del right["layers.0.v_proj"]
     with pytest.raises(ValueError, match="different modules"):
         average_factors([left, right], [1.0, 1.0])
-
-
-def test_normalize_weights_sums_to_one() -> None:
-    fractions = normalize_weights([1, 3, 0, 4], 4)
-    assert fractions == pytest.approx([0.125, 0.375, 0.0, 0.5])
-    assert math.fsum(fractions) == pytest.approx(1.0)
-
-
-@pytest.mark.parametrize(
-    ("weights", "count", "message"),
-    [
-        ([1.0, -1.0], 2, "non-negative"),
-        ([1.0, float("nan")], 2, "finite"),
-        ([1.0, float("inf")], 2, "finite"),
-        ([0.0, 0.0], 2, "sum to"),
-        ([1.0], 2, "1 weights for 2 updates"),
-        ([], 0, "zero updates"),
-    ],
-)
-def test_invalid_weights_are_rejected(weights: list[float], count: int, message: str) -> None:
-    with pytest.raises(ValueError, match=message):
-        normalize_weights(weights, count)
 
 
 def test_average_factors_validates_weights() -> None:

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from pollen.adapter import Adapter, LoraFactors
-from strategies.math.flexlora import flexlora_aggregate, lowrank_svd
-from strategies.math.projection import adapter_from_svd
+from strategies.math.flexlora import lowrank_svd
+from strategies.math.projection import balanced_factors, factors_from_svd, project_to_rank
 from tests.unit.factors import (
     ALPHA,
     MODULES,
@@ -45,25 +45,18 @@ def test_svd_bases_are_orthonormal(updates: list[Adapter]) -> None:
 
 
 @pytest.mark.parametrize("rank", [4, 30])
-def test_truncated_product_equals_dense_truncated_svd(updates: list[Adapter], rank: int) -> None:
-    result = flexlora_aggregate(updates, WEIGHTS, rank, ALPHA)
+def test_global_is_the_dense_truncated_svd(updates: list[Adapter], rank: int) -> None:
+    """What the strategy keeps: balanced scale-1 factors of the leading ``rank`` components of W."""
+    svds = lowrank_svd(updates, WEIGHTS, max_rank=rank)
     for name, (out_features, in_features) in MODULES.items():
         u, s, vh = torch.linalg.svd(dense_weighted_sum(updates, WEIGHTS, name), full_matrices=False)
         reference = (u[:, :rank] * s[:rank]) @ vh[:rank]
-        pair = result[name]
+        pair = balanced_factors(svds[name], rank)
         assert pair.a.shape == (rank, in_features)
         assert pair.b.shape == (out_features, rank)
-        assert pair.scale == pytest.approx(ALPHA / rank)
+        assert pair.scale == 1.0
         assert pair.a.dtype == torch.float32
         assert relative_error(pair.product(), reference) < 1e-4
-
-
-def test_factors_are_balanced(updates: list[Adapter]) -> None:
-    """sqrt(S) is split evenly: column i of B and row i of A have the same norm."""
-    pair = flexlora_aggregate(updates, WEIGHTS, 8, ALPHA)["layers.0.q_proj"]
-    torch.testing.assert_close(
-        torch.linalg.norm(pair.b, dim=0), torch.linalg.norm(pair.a, dim=1), rtol=1e-4, atol=0
-    )
 
 
 def test_one_svd_serves_every_node_rank(updates: list[Adapter]) -> None:
@@ -71,26 +64,33 @@ def test_one_svd_serves_every_node_rank(updates: list[Adapter]) -> None:
     name = "layers.0.v_proj"
     reference = dense_weighted_sum(updates, WEIGHTS, name)
     for rank, alpha in [(2, 4.0), (8, 16.0), (16, 32.0)]:
-        pair = adapter_from_svd(svds, rank, alpha)[name]
+        pair = factors_from_svd(svds[name], rank, alpha)
         assert pair.rank == rank
         assert pair.scale == pytest.approx(alpha / rank)
         u, s, vh = torch.linalg.svd(reference, full_matrices=False)
         assert relative_error(pair.product(), (u[:, :rank] * s[:rank]) @ vh[:rank]) < 1e-4
 
 
-def test_rank_above_the_sum_pads_with_trainable_slots(updates: list[Adapter]) -> None:
-    pair = flexlora_aggregate(updates, WEIGHTS, 40, ALPHA)["layers.0.q_proj"]
-    assert pair.rank == 40
-    assert relative_error(pair.product(), dense_weighted_sum(updates, WEIGHTS, "layers.0.q_proj")) < 1e-5
-    assert torch.count_nonzero(pair.b[:, 30:]) == 0
-    assert bool((torch.linalg.norm(pair.a[30:], dim=1) > 0).all())
+def test_nodes_receive_the_best_approximation_of_their_rank(updates: list[Adapter]) -> None:
+    """From the stored global, project_to_rank (what a node is sent) is the dense truncated SVD."""
+    global_adapter = {n: balanced_factors(svd, 16) for n, svd in lowrank_svd(updates, WEIGHTS, 16).items()}
+    name = "layers.0.q_proj"
+    u, s, vh = torch.linalg.svd(dense_weighted_sum(updates, WEIGHTS, name), full_matrices=False)
+    for rank in (2, 8, 16):
+        pair = project_to_rank(global_adapter, rank, ALPHA, method="svd")[name]
+        assert pair.rank == rank and pair.scale == pytest.approx(ALPHA / rank)
+        assert relative_error(pair.product(), (u[:, :rank] * s[:rank]) @ vh[:rank]) < 1e-4
 
 
-def test_all_zero_updates_give_zero_product_and_fresh_a(updates: list[Adapter]) -> None:
+def test_all_zero_updates_give_a_zero_global_and_nodes_fresh_a(updates: list[Adapter]) -> None:
     zeroed = [
         {n: LoraFactors(a=p.a, b=torch.zeros_like(p.b), scale=p.scale) for n, p in u.items()} for u in updates
     ]
-    pair = flexlora_aggregate(zeroed, WEIGHTS, 4, ALPHA)["layers.0.q_proj"]
+    global_adapter = {n: balanced_factors(svd, 8) for n, svd in lowrank_svd(zeroed, WEIGHTS, 8).items()}
+    assert all(
+        torch.count_nonzero(p.b) == 0 and torch.count_nonzero(p.a) == 0 for p in global_adapter.values()
+    )
+    pair = project_to_rank(global_adapter, 4, ALPHA, method="svd")["layers.0.q_proj"]
     assert torch.count_nonzero(pair.b) == 0
     assert torch.isfinite(pair.a).all()
     assert bool((pair.a.abs().sum(dim=1) > 0).all())

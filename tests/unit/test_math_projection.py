@@ -5,10 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from strategies.math.common import lora_a_init_bound
 from strategies.math.projection import (
     SVDFactors,
+    balanced_factors,
     factors_from_svd,
-    lora_a_init_bound,
     project_to_rank,
     svd_of_product,
 )
@@ -82,6 +83,29 @@ def test_factors_from_svd_scales_and_balances() -> None:
     torch.testing.assert_close(
         torch.linalg.norm(result.b, dim=0), torch.linalg.norm(result.a, dim=1), rtol=1e-5, atol=0
     )
+
+
+@pytest.mark.parametrize(("out_features", "in_features", "rank"), [(64, 48, 4), (64, 48, 8), (6, 48, 8)])
+def test_balanced_factors_are_the_dense_truncated_svd_at_scale_one(
+    out_features: int, in_features: int, rank: int
+) -> None:
+    """Leading ``rank`` components, sqrt(S) on both sides; a layer narrower than the rank gets zero slots."""
+    pair = random_pair(8, 8, out_features, in_features)
+    svd = svd_of_product(pair.b, pair.a, pair.scale)
+    result = balanced_factors(svd, rank)
+    assert result.scale == 1.0 and result.rank == rank and result.a.dtype == torch.float32
+    u, s, vh = torch.linalg.svd(dense(pair), full_matrices=False)
+    assert relative_error(result.product(), (u[:, :rank] * s[:rank]) @ vh[:rank]) < 1e-5
+    kept = min(rank, out_features)
+    torch.testing.assert_close(
+        torch.linalg.norm(result.b, dim=0)[:kept], torch.sqrt(s[:kept]).float(), rtol=1e-4, atol=0
+    )
+    torch.testing.assert_close(
+        torch.linalg.norm(result.a, dim=1)[:kept], torch.sqrt(s[:kept]).float(), rtol=1e-4, atol=0
+    )
+    assert torch.count_nonzero(result.a[kept:]) == 0 and torch.count_nonzero(result.b[:, kept:]) == 0
+    with pytest.raises(ValueError, match="at least 1"):
+        balanced_factors(svd, 0)
 
 
 def test_invalid_arguments_are_rejected() -> None:

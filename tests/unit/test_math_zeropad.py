@@ -1,4 +1,4 @@
-"""Zero-padding aggregation and truncation, against padded ``np.average`` and dense-product references."""
+"""Zero-padding aggregation and HetLoRA's norm weights, against padded ``np.average`` and dense references."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from pollen.adapter import LoraFactors
-from strategies.math.zeropad import product_norm, truncate, zeropad_aggregate
+from pollen.adapter import Adapter, LoraFactors, add
+from strategies.math.zeropad import hetlora_weights, product_norm, zeropad_aggregate
 from tests.unit.factors import ALPHA, MODULES, RANKS, WEIGHTS, random_adapter, relative_error
 
 
@@ -72,52 +72,86 @@ def test_product_norm_matches_dense_norm() -> None:
     assert product_norm(pair) == pytest.approx(float(dense), rel=1e-10)
 
 
-def test_norm_weighted_multiplies_weights_by_update_norms() -> None:
-    updates = [random_adapter(rank, seed) for seed, rank in enumerate(RANKS)]
-    result = zeropad_aggregate(updates, WEIGHTS, norm_weighted=True)
-    name, (_, in_features) = "layers.0.q_proj", MODULES["layers.0.q_proj"]
-    norms = [float(torch.linalg.norm(u[name].product().double())) for u in updates]
-    module_weights = [w * n for w, n in zip(WEIGHTS, norms, strict=True)]
-    expected_a = np.average(
-        [padded(u[name].a.numpy(), 16, in_features) for u in updates], axis=0, weights=module_weights
-    )
-    np.testing.assert_allclose(result[name].a.numpy(), expected_a, rtol=1e-5, atol=1e-5)
+def _mixed_federation() -> tuple[list[Adapter], list[Adapter]]:
+    """Per node of RANKS (lora_alpha 8, 16, 32, 16): its factor delta and its trained adapter.
+
+    Node 1's A delta is exactly zero while its B moved, as when A is frozen or its gradient vanished.
+    """
+    alphas = [8.0, 16.0, 32.0, 16.0]
+    deltas, trained = [], []
+    for seed, (rank, alpha) in enumerate(zip(RANKS, alphas, strict=True)):
+        sent = {n: LoraFactors(p.a, p.b, alpha / rank) for n, p in random_adapter(rank, seed).items()}
+        delta = {
+            n: LoraFactors(0.1 * p.a, 0.1 * p.b, alpha / rank)
+            for n, p in random_adapter(rank, 9 + seed).items()
+        }
+        if seed == 1:
+            delta = {n: LoraFactors(torch.zeros_like(p.a), p.b, p.scale) for n, p in delta.items()}
+        deltas.append(delta)
+        trained.append(add(sent, delta))
+    return deltas, trained
 
 
-def test_norm_weighted_falls_back_to_plain_weights_for_zero_updates() -> None:
+def _dense_norm_fractions(trained: list[Adapter], name: str) -> list[float]:
+    """Reference: weight times ``||s B' A'||_F`` of the dense trained module, normalised."""
+    norms = [
+        float(torch.linalg.norm(t[name].scale * (t[name].b.double() @ t[name].a.double()))) for t in trained
+    ]
+    scaled = [w * n for w, n in zip(WEIGHTS, norms, strict=True)]
+    return [value / sum(scaled) for value in scaled]
+
+
+def test_hetlora_weights_are_the_dense_norms_of_the_trained_modules() -> None:
+    deltas, trained = _mixed_federation()
+    fractions = hetlora_weights(trained, WEIGHTS)
+    assert list(fractions) == list(MODULES)
+    for name in MODULES:
+        assert fractions[name] == pytest.approx(_dense_norm_fractions(trained, name), rel=1e-9)
+        # A node whose A did not move still updated its module: its weight is not zero...
+        assert fractions[name][1] > 0.0
+        # ...although the product of its factor delta, the old (second-order) norm, is exactly zero.
+        assert product_norm(deltas[1][name]) == 0.0
+
+
+def test_norm_weighted_aggregate_averages_the_deltas_with_hetlora_weights() -> None:
+    deltas, trained = _mixed_federation()
+    result = zeropad_aggregate(deltas, WEIGHTS, norm_of=trained)
+    for name, (out_features, in_features) in MODULES.items():
+        module_weights = _dense_norm_fractions(trained, name)
+        pair = result[name]
+        assert pair.scale == deltas[3][name].scale  # the largest-rank update's scale
+        expected_a = np.average(
+            [padded(d[name].a.numpy(), 16, in_features) for d in deltas], axis=0, weights=module_weights
+        )
+        expected_b = np.average(
+            [padded(d[name].b.numpy() * d[name].scale / pair.scale, out_features, 16) for d in deltas],
+            axis=0,
+            weights=module_weights,
+        )
+        np.testing.assert_allclose(pair.a.numpy(), expected_a, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(pair.b.numpy(), expected_b, rtol=1e-5, atol=1e-6)
+
+
+def test_norm_weights_fall_back_to_plain_weights_for_zero_modules() -> None:
     updates = [random_adapter(4, seed) for seed in range(2)]
     zeroed = [
         {n: LoraFactors(a=p.a, b=torch.zeros_like(p.b), scale=p.scale) for n, p in u.items()} for u in updates
     ]
-    plain = zeropad_aggregate(zeroed, [1.0, 3.0])
-    weighted = zeropad_aggregate(zeroed, [1.0, 3.0], norm_weighted=True)
+    assert hetlora_weights(zeroed, [1.0, 3.0]) == dict.fromkeys(MODULES, [0.25, 0.75])
+    plain = zeropad_aggregate(updates, [1.0, 3.0])
+    weighted = zeropad_aggregate(updates, [1.0, 3.0], norm_of=zeroed)
     for name in MODULES:
-        assert torch.isfinite(weighted[name].a).all()
-        torch.testing.assert_close(weighted[name].a, plain[name].a)
+        assert torch.equal(weighted[name].a, plain[name].a)
+        assert torch.equal(weighted[name].b, plain[name].b)
 
 
-def test_truncate_keeps_leading_slots_and_scale() -> None:
-    adapter = random_adapter(16, 0)
-    result = truncate(adapter, 4)
-    for name, pair in adapter.items():
-        assert result[name].a.shape == (4, pair.a.shape[1])
-        assert result[name].b.shape == (pair.b.shape[0], 4)
-        assert result[name].scale == pair.scale
-        # Reference: the sum of the first four rank-one terms, built one outer product at a time.
-        terms = [torch.outer(pair.b[:, i].double(), pair.a[i].double()) for i in range(4)]
-        reference = torch.stack(terms).sum(dim=0) * pair.scale
-        assert relative_error(result[name].product(), reference) < 1e-6
-
-
-def test_truncate_to_full_rank_is_identity_and_rejects_growth() -> None:
-    adapter = random_adapter(8, 0)
-    same = truncate(adapter, 8)
-    for name in MODULES:
-        torch.testing.assert_close(same[name].product(), adapter[name].product())
-    with pytest.raises(ValueError, match="project_to_rank"):
-        truncate(adapter, 9)
-    with pytest.raises(ValueError, match="at least 1"):
-        truncate(adapter, 0)
+def test_norm_of_must_match_the_updates() -> None:
+    deltas, trained = _mixed_federation()
+    with pytest.raises(ValueError, match="3 trained adapters .* of 4 updates"):
+        zeropad_aggregate(deltas, WEIGHTS, norm_of=trained[:3])
+    fewer = [{n: p for n, p in t.items() if n != "layers.0.v_proj"} for t in trained]
+    with pytest.raises(ValueError, match="other modules"):
+        zeropad_aggregate(deltas, WEIGHTS, norm_of=fewer)
 
 
 def test_zeropad_validates_weights() -> None:

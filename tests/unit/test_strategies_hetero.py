@@ -14,7 +14,7 @@ from pollen.adapter import Adapter, LoraFactors, flatten, unflatten
 from pollen.codec import WireSpec, decode, encode
 from pollen.config import parse_run_config
 from server_app.app import train_config
-from strategies.base import LoraStrategy, StrategySettings, adapter_from_record, adapter_to_record
+from strategies.base import LoraStrategy, StrategySettings
 from strategies.registry import build_strategy
 
 ALPHA = 16.0
@@ -96,11 +96,11 @@ def _round(name: str) -> tuple[LoraStrategy, Adapter, Adapter, list[Message], li
     strategy = _strategy(name)
     rank = strategy.global_rank(sorted(RANKS.values()))
     start = strategy.initial_global(_fresh(rank))
-    messages = list(strategy.configure_train(1, adapter_to_record(start), ConfigRecord(), fake_grid()))
+    messages = list(strategy.train_messages(1, start, ConfigRecord(), fake_grid()))
     replies, trained = zip(*(_train(m, strategy.trains_a, i) for i, m in enumerate(messages)), strict=True)
-    record, _ = strategy.aggregate_train(1, list(replies))
-    assert record is not None and strategy.report.accepted == 3, strategy.report.rejected
-    return strategy, start, adapter_from_record(record), list(messages), list(trained)
+    new, _ = strategy.aggregate(1, list(replies))
+    assert new is not None and strategy.report.accepted == 3, strategy.report.rejected
+    return strategy, start, new, list(messages), list(trained)
 
 
 @pytest.mark.parametrize("name", ["zeropad", "flora", "flexlora", "ffa"])
@@ -137,9 +137,9 @@ def test_only_ffa_scales_the_training_learning_rate(name: str, expected: float) 
     if name == "fedavg":
         strategy.node_ranks = dict.fromkeys(RANKS, 4)  # fedavg needs one rank
     rank = strategy.global_rank(sorted(set(strategy.node_ranks.values())))
-    start = adapter_to_record(strategy.initial_global(_fresh(rank)))
+    start = strategy.initial_global(_fresh(rank))
     config = ConfigRecord({P.LR: 0.003})
-    messages = list(strategy.configure_train(1, start, config, fake_grid()))
+    messages = list(strategy.train_messages(1, start, config, fake_grid()))
     assert len(messages) == len(RANKS)
     for message in messages:
         assert P.config_number(message.content.config_records[P.CONFIG], P.LR) == pytest.approx(expected)
@@ -175,8 +175,8 @@ def test_flora_global_is_the_old_product_plus_every_weighted_update() -> None:
 
 
 def test_flora_stack_is_exact_before_reprojection() -> None:
-    from strategies.base import NodeUpdate
-    from strategies.flora import stack_with_updates
+    from strategies.math.flora import stack_with_updates
+    from strategies.replies import NodeUpdate
 
     g = torch.Generator().manual_seed(5)
     base = {"m": LoraFactors(torch.randn(16, 20, generator=g), torch.randn(24, 16, generator=g), ALPHA / 16)}
@@ -193,7 +193,8 @@ def test_flora_stack_is_exact_before_reprojection() -> None:
             )
         }
         updates.append(NodeUpdate(node_id=node, rank=rank, sent=sent, delta=delta, weight=float(node + 1)))
-    stacked = stack_with_updates(base, updates)["m"]
+    received, trained = [u.sent for u in updates], [u.trained() for u in updates]
+    stacked = stack_with_updates(base, received, trained, [u.weight for u in updates])["m"]
     expected = base["m"].product().double()
     for update in updates:
         change = update.trained()["m"].product().double() - update.sent["m"].product().double()
@@ -209,11 +210,11 @@ def test_a_cosine_schedule_decays_the_rate_nodes_receive_over_the_rounds(run_con
     cfg = parse_run_config(run_config)
     strategy = _strategy("zeropad")
     rank = strategy.global_rank(sorted(set(strategy.node_ranks.values())))
-    start = adapter_to_record(strategy.initial_global(_fresh(rank)))
+    start = strategy.initial_global(_fresh(rank))
     sent = []
     for server_round in range(1, 6):
         config = train_config(cfg, server_round)  # what the ServerApp hands the strategy each round
-        messages = list(strategy.configure_train(server_round, start, config, fake_grid()))
+        messages = list(strategy.train_messages(server_round, start, config, fake_grid()))
         sent.append({P.config_number(m.content.config_records[P.CONFIG], P.LR) for m in messages})
     assert all(len(rates) == 1 for rates in sent)  # one rate per round, the same for every node
     rates = [rates.pop() for rates in sent]
