@@ -2,9 +2,9 @@
 
 Scenario: q_proj and v_proj of 32 layers (64 modules of 4096x4096), 8 nodes of ranks 4,4,8,8,16,16,32,64,
 random factors, weights proportional to random numbers of examples. What is timed is the shipped code:
-each strategy's ``combine`` (the server's aggregation step) and ``project`` (one adapter per node), on
-NodeUpdates as the strategy's reply validation makes them. FlexLoRA is also timed through the dense route
-(form the 4096x4096 sum, ``torch.linalg.svd``) on a few modules, scaled to 64, and compared.
+each strategy's ``combine`` (the server's aggregation step) and ``project_all`` (the adapter at each
+node rank), on NodeUpdates as the strategy's reply validation makes them. FlexLoRA is also timed
+through the dense route (form the 4096x4096 sum, ``torch.linalg.svd``) on a few modules, scaled to 64.
 
 Usage (from the repository root, with Pollen installed): ``python benchmarks/aggregation.py``.
 ``--quick`` runs a small scenario for smoke tests and only prints, unless ``--docs`` is given.
@@ -181,10 +181,11 @@ def dense_flexlora(updates: Sequence[NodeUpdate], name: str, rank: int) -> torch
 def time_strategy(
     strategy: LoraStrategy, global_adapter: Adapter, updates: Sequence[NodeUpdate], repeats: int
 ) -> tuple[Timing, Timing, Adapter]:
-    """Median time of ``combine`` and of ``project`` to every node's rank, and the new global adapter."""
+    """Median time of ``combine`` and of ``project_all`` to the nodes' ranks, and the new global adapter."""
     combined = median_seconds(lambda: strategy.combine(global_adapter, updates), repeats)
     new_global = strategy.combine(global_adapter, updates)
-    per_node = median_seconds(lambda: [strategy.project(new_global, u.rank) for u in updates], repeats)
+    ranks = [u.rank for u in updates]
+    per_node = median_seconds(lambda: strategy.project_all(new_global, ranks), repeats)
     return combined, per_node, new_global
 
 
@@ -300,7 +301,8 @@ def render(
         f"{len(scenario.node_ranks)} nodes of ranks {ranks}, lora_alpha {scenario.alpha:g} "
         "(scale alpha/rank); "
         "random factors; weights proportional to random numbers of examples. Timed: each strategy's "
-        "`combine` (the aggregation step) and `project` (one adapter per node) as the server runs them. "
+        "`combine` (the aggregation step) and `project_all` (the adapter at every node rank) as the "
+        "server runs them. "
         f"Times are medians of {scenario.repeats} run(s), float32 factors, torch threads as in Machine.",
         "",
         "| method | what is timed | modules timed | wall s per round, all modules | CPU s (all threads) |",

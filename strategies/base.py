@@ -23,6 +23,7 @@ from pollen import protocol as P
 from pollen.adapter import Adapter, from_stored, to_stored
 from pollen.codec import WireSpec
 from pollen.downlink import View, build_payload
+from strategies.math.projection import project_to_ranks
 from strategies.replies import (
     REJECTED,
     NodeUpdate,
@@ -74,6 +75,9 @@ class LoraStrategy(Strategy):
     name = "base"
     trains_a = True  # False: nodes keep A frozen and send only B deltas (FFA-LoRA)
     mixed_ranks = True  # False: every node must train lora.rank (the strategy cannot mix ranks)
+    # How the global adapter reaches a node's rank (strategies.math.projection): "truncate", "svd", or
+    # None for a strategy whose nodes all train the global rank.
+    projection: str | None = "truncate"
 
     def __init__(self, settings: StrategySettings) -> None:
         self.settings = settings
@@ -99,10 +103,19 @@ class LoraStrategy(Strategy):
 
     def project(self, global_adapter: Adapter, rank: int) -> Adapter:
         """The global adapter as a node of ``rank`` receives it (scale ``alpha / rank``)."""
+        return self.project_all(global_adapter, [rank])[rank]
+
+    def project_all(self, global_adapter: Adapter, ranks: Sequence[int]) -> dict[int, Adapter]:
+        """The global adapter at each of ``ranks`` (rank -> adapter), each projection computed once."""
+        if self.projection is not None:
+            return project_to_ranks(global_adapter, ranks, self.settings.alpha, self.projection)
         first = next(iter(global_adapter.values()))
-        if rank != first.rank:
-            raise ValueError(f"{self.name} needs equal ranks; cannot send rank {rank} from rank {first.rank}")
-        return global_adapter
+        for rank in ranks:
+            if rank != first.rank:
+                raise ValueError(
+                    f"{self.name} needs equal ranks; cannot send rank {rank} from rank {first.rank}"
+                )
+        return dict.fromkeys(ranks, global_adapter)
 
     def combine(self, global_adapter: Adapter, updates: Sequence[NodeUpdate]) -> Adapter:
         """The next global adapter from the current one and the accepted updates."""
@@ -122,9 +135,12 @@ class LoraStrategy(Strategy):
         self._pending_views = {}
         if P.LR in config:  # one learning rate per round; never mutate the caller's record
             config = ConfigRecord({**config, P.LR: self.train_lr(P.config_number(config, P.LR))})
+        nodes = self._sample(grid, self.settings.fraction_train, server_round, salt=0)
+        projected = self.project_all(global_adapter, [self.rank_of(n) for n in nodes])
         messages = []
-        for node_id in self._sample(grid, self.settings.fraction_train, server_round, salt=0):
-            message, sent = self._message(node_id, config, server_round, MessageType.TRAIN)
+        for node_id in nodes:
+            adapter = projected[self.rank_of(node_id)]
+            message, sent = self._message(node_id, adapter, config, server_round, MessageType.TRAIN)
             self._sent[node_id] = sent
             messages.append(message)
         return messages
@@ -169,9 +185,10 @@ class LoraStrategy(Strategy):
         """Send the global adapter (at each node's rank) to a sample of nodes for local evaluation."""
         if self.settings.fraction_evaluate <= 0.0:
             return []
-        self._global = global_adapter
         nodes = self._sample(grid, self.settings.fraction_evaluate, server_round, salt=1)
-        return [self._message(n, config, server_round, MessageType.EVALUATE)[0] for n in nodes]
+        projected = self.project_all(global_adapter, [self.rank_of(n) for n in nodes])
+        kind = MessageType.EVALUATE
+        return [self._message(n, projected[self.rank_of(n)], config, server_round, kind)[0] for n in nodes]
 
     def state(self) -> dict[str, Any]:
         """What a checkpoint keeps of the strategy: the downlink encoder's generator.
@@ -268,17 +285,15 @@ class LoraStrategy(Strategy):
         return [n for n in connected if n in self.node_ranks]
 
     def _message(
-        self, node_id: int, config: ConfigRecord, server_round: int, kind: str
+        self, node_id: int, adapter: Adapter, config: ConfigRecord, server_round: int, kind: str
     ) -> tuple[Message, Adapter]:
-        """The message for one node, and the adapter as the node will decode it.
+        """The message carrying ``adapter`` (the global at the node's rank), and the adapter as the node
+        will decode it.
 
         With a quantized downlink and error feedback, a training message carries only the change since
         the adapter the node holds (its *view*); what quantization drops is still in the next change.
         """
-        if self._global is None:
-            raise RuntimeError("no global adapter: train_messages / evaluate_messages set it")
         rank = self.rank_of(node_id)
-        adapter = self.project(self._global, rank)
         by_change = kind == MessageType.TRAIN and self._downlink_delta
         payload = build_payload(
             adapter, self._views.get(node_id), self.settings.downlink, self._generator, by_change

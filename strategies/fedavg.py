@@ -15,6 +15,7 @@ class FedAvgLora(LoraStrategy):
 
     name = "fedavg"
     mixed_ranks = False
+    projection = None
 
     def combine(self, global_adapter: Adapter, updates: Sequence[NodeUpdate]) -> Adapter:
         return add(global_adapter, average_factors([u.delta for u in updates], [u.weight for u in updates]))

@@ -15,7 +15,6 @@ from pollen.adapter import Adapter, LoraFactors, add
 from strategies.base import LoraStrategy
 from strategies.math.common import pad_b
 from strategies.math.ffa import average_b, shared_a
-from strategies.math.projection import project_to_rank
 from strategies.replies import NodeUpdate
 
 
@@ -23,6 +22,7 @@ class FfaLora(LoraStrategy):
     """Frozen shared A, averaged B."""
 
     name = "ffa"
+    projection = "truncate"
     trains_a = False
 
     def initial_global(self, fresh: Adapter) -> Adapter:
@@ -38,9 +38,6 @@ class FfaLora(LoraStrategy):
 
     def train_lr(self, lr: float) -> float:
         return lr * self.settings.ffa_lr_multiplier
-
-    def project(self, global_adapter: Adapter, rank: int) -> Adapter:
-        return project_to_rank(global_adapter, rank, self.settings.alpha, method="truncate")
 
     def combine(self, global_adapter: Adapter, updates: Sequence[NodeUpdate]) -> Adapter:
         weights = [u.weight for u in updates]

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from pollen.adapter import Adapter
 from strategies.base import LoraStrategy
 from strategies.math.flexlora import lowrank_svd
-from strategies.math.projection import balanced_factors, project_to_rank
+from strategies.math.projection import balanced_factors
 from strategies.replies import NodeUpdate
 
 
@@ -22,9 +22,7 @@ class FlexLoraStrategy(LoraStrategy):
     """Aggregate products, redistribute truncated SVDs."""
 
     name = "flexlora"
-
-    def project(self, global_adapter: Adapter, rank: int) -> Adapter:
-        return project_to_rank(global_adapter, rank, self.settings.alpha, method="svd")
+    projection = "svd"
 
     def combine(self, global_adapter: Adapter, updates: Sequence[NodeUpdate]) -> Adapter:
         rank = next(iter(global_adapter.values())).rank

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from pollen.adapter import Adapter
 from strategies.base import LoraStrategy
 from strategies.math.flora import stack_with_updates
-from strategies.math.projection import balanced_factors, project_to_rank, svd_of_product
+from strategies.math.projection import balanced_factors, svd_of_product
 from strategies.replies import NodeUpdate
 
 
@@ -24,9 +24,7 @@ class FloraStrategy(LoraStrategy):
     """Stack exactly, re-project to the largest node rank."""
 
     name = "flora"
-
-    def project(self, global_adapter: Adapter, rank: int) -> Adapter:
-        return project_to_rank(global_adapter, rank, self.settings.alpha, method="svd")
+    projection = "svd"
 
     def combine(self, global_adapter: Adapter, updates: Sequence[NodeUpdate]) -> Adapter:
         rank = next(iter(global_adapter.values())).rank

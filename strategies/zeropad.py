@@ -14,7 +14,6 @@ from collections.abc import Sequence
 from pollen.adapter import Adapter, add
 from strategies.base import LoraStrategy
 from strategies.math.common import pad_pair
-from strategies.math.projection import project_to_rank
 from strategies.math.zeropad import zeropad_aggregate
 from strategies.replies import NodeUpdate
 
@@ -23,9 +22,7 @@ class ZeroPadLora(LoraStrategy):
     """Zero-pad to the largest rank, aggregate, truncate per node."""
 
     name = "zeropad"
-
-    def project(self, global_adapter: Adapter, rank: int) -> Adapter:
-        return project_to_rank(global_adapter, rank, self.settings.alpha, method="truncate")
+    projection = "truncate"
 
     def combine(self, global_adapter: Adapter, updates: Sequence[NodeUpdate]) -> Adapter:
         trained = [u.trained() for u in updates] if self.settings.norm_weighted else None

@@ -13,7 +13,7 @@ product is unchanged) and small random A rows, drawn like PEFT's LoRA-A init fro
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -199,3 +199,24 @@ def project_to_rank(
         generator = torch.Generator().manual_seed(DEFAULT_PADDING_SEED)
     project = _PROJECTORS[method]
     return {module: project(module, pair, rank, alpha, generator) for module, pair in adapter.items()}
+
+
+def project_to_ranks(adapter: Adapter, ranks: Sequence[int], alpha: float, method: str) -> dict[int, Adapter]:
+    """:func:`project_to_rank` for several ranks at once (rank -> adapter), equal to separate calls.
+
+    With ``method="svd"`` each module's SVD is computed once and every rank is a slice of it, so a round
+    costs one SVD per module instead of one per module and node rank.
+    """
+    wanted = sorted(set(ranks))
+    if method != "svd":
+        return {rank: project_to_rank(adapter, rank, alpha, method) for rank in wanted}
+    for rank in wanted:
+        _check_rank_alpha(rank, alpha)
+    # One padding generator per rank, drawn in module order: the same draws as separate calls.
+    generators = {rank: torch.Generator().manual_seed(DEFAULT_PADDING_SEED) for rank in wanted}
+    out: dict[int, Adapter] = {rank: {} for rank in wanted}
+    for module, pair in adapter.items():
+        svd = svd_of_product(pair.b, pair.a, pair.scale)
+        for rank in wanted:
+            out[rank][module] = factors_from_svd(svd, rank, alpha, generators[rank])
+    return out

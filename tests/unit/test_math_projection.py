@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from pollen.adapter import LoraFactors
 from strategies.math.common import lora_a_init_bound
 from strategies.math.projection import (
     SVDFactors,
@@ -118,3 +119,22 @@ def test_invalid_arguments_are_rejected() -> None:
         project_to_rank({NAME: pair}, 4, -1.0, method="svd")
     with pytest.raises(ValueError, match="ranks disagree"):
         SVDFactors(u=torch.zeros(5, 3), s=torch.zeros(2), vh=torch.zeros(3, 4))
+
+
+@pytest.mark.parametrize("method", ["truncate", "svd"])
+def test_projecting_to_several_ranks_at_once_equals_separate_projections(method: str) -> None:
+    """The shared-SVD route must give bit for bit what one project_to_rank call per rank gives."""
+    from strategies.math.projection import project_to_ranks
+
+    g = torch.Generator().manual_seed(11)
+    adapter = {
+        f"m{i}": LoraFactors(torch.randn(8, 24, generator=g), torch.randn(6 + i, 8, generator=g), 2.0)
+        for i in range(3)  # m0 is narrower (6 outputs) than rank 8 and 16: padded slots draw fresh rows
+    }
+    together = project_to_ranks(adapter, [16, 2, 8, 2], alpha=16.0, method=method)
+    assert sorted(together) == [2, 8, 16]
+    for rank, projected in together.items():
+        alone = project_to_rank(adapter, rank, 16.0, method)
+        for module, pair in alone.items():
+            assert torch.equal(projected[module].a, pair.a) and torch.equal(projected[module].b, pair.b)
+            assert projected[module].scale == pair.scale
