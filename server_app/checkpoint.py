@@ -23,7 +23,7 @@ import torch
 from pollen.adapter import Adapter, from_stored, to_stored
 
 STATE_FILE = "checkpoint.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the adapter's module order is kept (it fixes the order of random draws)
 _STRATEGY_PREFIX = "strategy/"  # tensors of the strategy state live in the safetensors under this prefix
 
 
@@ -120,10 +120,14 @@ def save_checkpoint(folder: Path, checkpoint: Checkpoint) -> Path:
         "strategy_state": strategy_plain,
         "metrics": _json_ready(checkpoint.metrics, "metrics"),
         "meta": _json_ready(checkpoint.meta, "meta"),
+        # safetensors files sort their keys; the order of the modules decides the order of the codec's
+        # and the projections' random draws, so a resumed run needs it to continue equal.
+        "modules": list(checkpoint.adapter),
     }
 
     folder.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().cpu().contiguous() for k, v in {**stored, **strategy_tensors}.items()}
+    # clone: safetensors refuses tensors that share memory (e.g. views of one decoded buffer)
+    tensors = {k: v.detach().cpu().clone() for k, v in {**stored, **strategy_tensors}.items()}
     name = _adapter_file(checkpoint.round)
     tmp_tensors = folder / f".{name}.tmp"
     save_file(tensors, str(tmp_tensors), metadata={"format": "pt"})
@@ -174,7 +178,7 @@ def _read_document(folder: Path) -> dict[str, Any]:
         raise CheckpointError(f"{path} has format {found!r}; this Pollen reads format {FORMAT_VERSION}")
     missing = [
         k
-        for k in ("round", "adapter_file", "adapter_sha256", "strategy_state", "metrics", "meta")
+        for k in ("round", "adapter_file", "adapter_sha256", "strategy_state", "metrics", "meta", "modules")
         if k not in document
     ]
     if missing:
@@ -240,9 +244,13 @@ def load_checkpoint(
     if expected is not None:
         _check_keys(stored, expected, tensor_path)
     try:
-        adapter = from_stored(stored)
+        loaded = from_stored(stored)
     except (KeyError, ValueError) as exc:
         raise CheckpointError(f"{tensor_path} does not hold a whole adapter: {exc}") from exc
+    order = document["modules"]
+    if not isinstance(order, list) or sorted(order) != sorted(loaded):
+        raise CheckpointError(f"{folder / STATE_FILE}: its module list does not match {tensor_path.name}")
+    adapter = {module: loaded[module] for module in order}
     meta = dict(document["meta"])
     for key, wanted in (require or {}).items():
         if meta.get(key) != wanted:
