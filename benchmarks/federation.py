@@ -3,8 +3,9 @@
 Usage: python benchmarks/federation.py [--rounds 6] [--quick]
 
 1. Model footprint of the embedded base at 4-bit and unquantized (transformers' memory footprint).
-2. A plain process (no Flower) loads the 4-bit base once and runs the training steps of one round:
-   the nodes a round samples times `train.local-steps`, on their partitions; its time and peak memory.
+2. A plain process (no Flower) loads the 4-bit base once and runs the training of one round with the
+   ClientApp's own code (client_app/worker.py): the nodes a round samples times `train.local-steps`,
+   on their partitions; its time and peak memory.
 3. `flwr run .` with the shipped configuration (10 simulated nodes); the steady round's fit time
    (sending, training, aggregating: rounds 2+), whole round time, node peak memory and bytes.
 Writes the "federation" section of docs/BENCHMARKS.md.
@@ -17,7 +18,6 @@ import json
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -54,40 +54,26 @@ def footprints() -> dict[str, float]:
 
 
 def plain_worker(nodes: int) -> dict[str, float]:
-    """Load once, then run `nodes x local-steps` training steps on the first partitions; no Flower."""
+    """Load once, then train round 1 of the first ``nodes`` partitions as the ClientApp does; no Flower."""
     import resource
 
-    import torch
-
+    from client_app.worker import load_worker, train_round
     from pollen.config import parse_run_config
-    from pollen.model import LoraHost, load_base_model, load_tokenizer
-    from pollen.training import train_steps
-    from tasks.batches import sample_batches, tokenize_all
+    from pollen.protocol import knobs_for
     from tasks.data import node_data
-    from tasks.embedded import resolve_model_name
 
     cfg = parse_run_config(shipped_run_config())
-    path = resolve_model_name(cfg.model.name)
-    host = LoraHost(load_base_model(path, cfg.model), cfg.lora, seed=cfg.seed)
-    tokenizer = load_tokenizer(path)
-    host.activate(cfg.lora.rank)
+    worker = load_worker(cfg)
+    worker.host.activate(cfg.lora.rank)
+    received = worker.host.read()  # round 1's global adapter: the fresh one
+    knobs = knobs_for(cfg, cfg.lora.rank)
     seconds = 0.0
     for partition in range(nodes):
         train, _ = node_data(cfg.task, partition, NUM_NODES, cfg.seed)
-        examples = tokenize_all(tokenizer, train, cfg.train.max_seq_len)
-        batches = sample_batches(examples, cfg.train.batch_size, tokenizer.pad_token_id, torch.Generator())
-        started = time.perf_counter()
-        train_steps(
-            host.model,
-            host.trainable_parameters(),
-            batches,
-            cfg.train.local_steps,
-            cfg.train.lr,
-            torch.device("cpu"),
-        )
-        seconds += time.perf_counter() - started
+        done = train_round(worker, received, knobs, train, partition, cfg.task.prompt_format)
+        seconds += done.train.seconds
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {"seconds": seconds, "steps": nodes * cfg.train.local_steps, "peak_rss_mb": peak}
+    return {"seconds": seconds, "steps": nodes * knobs.local_steps, "peak_rss_mb": peak}
 
 
 def run_plain(nodes: int) -> dict[str, float]:

@@ -104,12 +104,11 @@ def filled_examples(tokenizer: Any, count: int, seq_len: int, seed: int) -> list
     Each example's input is preceded by earlier solved examples as context, more than fits; the
     tokenizer then cuts the start of that input, so every row is full and keeps its whole response.
     """
-    from tasks.batches import ExampleTokenizer
-    from tasks.prompts import resolve_prompt_format
+    from client_app.worker import example_tokenizer
     from tasks.synthetic import make_examples
 
     pool = make_examples(count * 40, seed)
-    tokenize = ExampleTokenizer(tokenizer, seq_len, resolve_prompt_format("auto", tokenizer))
+    tokenize = example_tokenizer(tokenizer, seq_len, "auto")  # as a node tokenizes (task.prompt-format)
     out = []
     for i in range(count):
         target = pool[i]

@@ -25,7 +25,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -74,13 +74,14 @@ class Shape:
 
 
 class Bench:
-    """One 4-bit SmolLM2 with a LoraHost, the node partitions, and the server's evaluator."""
+    """One 4-bit SmolLM2 in the ClientApp's worker, the node partitions, and the server's evaluator."""
 
     def __init__(self, shape: Shape) -> None:
+        from client_app.worker import tokenize_rows, worker_on
         from pollen.config import parse_run_config
-        from pollen.model import LoraHost, load_base_model, load_tokenizer
+        from pollen.model import load_base_model
+        from pollen.protocol import knobs_for
         from server_app.evaluation import Evaluator
-        from tasks.batches import ExampleTokenizer
         from tasks.data import held_out, node_data
         from tasks.embedded import resolve_model_name
         from tasks.prompts import format_response, resolve_prompt_format
@@ -94,25 +95,22 @@ class Bench:
             "seed": shape.seed,
         }
         self.cfg = parse_run_config({**shipped_run_config(), **overrides})
-        path = resolve_model_name(self.cfg.model.name)
-        self.tokenizer = load_tokenizer(path)
-        self.prompt = resolve_prompt_format(self.cfg.task.prompt_format, self.tokenizer)
-        self.tokenize = ExampleTokenizer(self.tokenizer, self.cfg.train.max_seq_len, self.prompt)
-        base: Any = load_base_model(path, self.cfg.model)
+        base: Any = load_base_model(resolve_model_name(self.cfg.model.name), self.cfg.model)
         self.footprint_nf4 = base.get_memory_footprint() / MIB
-        self.host = LoraHost(
-            base,
-            self.cfg.lora,
-            seed=self.cfg.seed,
-            gradient_checkpointing=self.cfg.train.gradient_checkpointing,
-        )
+        self.worker = worker_on(base, self.cfg)  # the ClientApp's worker: host, tokenizer, device
+        self.host, self.tokenizer = self.worker.host, self.worker.tokenizer
+        self.prompt = resolve_prompt_format(self.cfg.task.prompt_format, self.tokenizer)
+        # The knobs the server sends, with this benchmark's learning rate; local steps vary by row.
+        self.knobs = replace(knobs_for(self.cfg, BASELINE_RANK), lr=shape.lr)
         self.host.activate(BASELINE_RANK)
         self.initial = {rank: self._fresh(rank) for rank in sorted({BASELINE_RANK, *MIXED_RANKS})}
         eval_rows = list(held_out(self.cfg.task, self.cfg.seed))
         self.evaluate = Evaluator(
             host=self.host,
             tokenizer=self.tokenizer,
-            examples=[self.tokenize(row) for row in eval_rows],
+            examples=tokenize_rows(
+                self.worker, eval_rows, self.cfg.train.max_seq_len, self.cfg.task.prompt_format
+            ),
             references=[format_response(row) for row in eval_rows],
             metric="exact",
             max_new_tokens=shape.max_new_tokens,
@@ -128,9 +126,7 @@ class Bench:
 
     def score(self, adapter: Any) -> tuple[float, float]:
         """(eval loss, exact match) of ``adapter`` (any rank) on the held-out set."""
-        from strategies.base import adapter_to_record
-
-        figures = self.evaluate(adapter_to_record(adapter))
+        figures = self.evaluate(adapter)
         loss, match = figures["eval_loss"], figures["exact_match"]
         if loss is None or match is None:
             raise ValueError("the held-out set has no example with a response token")
@@ -138,43 +134,35 @@ class Bench:
 
     def train(self, adapter: Any, train_set: Any, steps: int, seed: int, row: RowResult) -> Any:
         """The ClientApp's local training of ``adapter`` (its rank) on ``train_set``; the trained adapter."""
-        import torch
-
-        from pollen.training import train_steps
-        from tasks.batches import sample_batches
+        from client_app.worker import train_from
 
         rank = next(iter(adapter.values())).rank
-        self.host.activate(rank)
-        self.host.write(adapter)
-        examples = [e for e in map(self.tokenize, train_set) if e.has_response]
-        generator = torch.Generator().manual_seed(seed)
-        torch.manual_seed(seed)  # LoRA dropout, as in the ClientApp
-        batches = sample_batches(examples, self.shape.batch_size, self.tokenizer.pad_token_id, generator)
-        stamps: list[float] = []
-
-        def timed() -> Any:
-            while True:
-                stamps.append(time.perf_counter())
-                yield next(batches)
-
-        reset_peak()
-        train_steps(
-            self.host.model,
-            self.host.trainable_parameters(),
-            timed(),
-            steps,
-            self.shape.lr,
-            torch.device("cpu"),
-        )
-        stamps.append(time.perf_counter())
+        knobs = replace(self.knobs, rank=rank, local_steps=steps)
+        clock = StepClock()
+        train_from(self.worker, adapter, knobs, train_set, seed, self.cfg.task.prompt_format, clock.tick)
+        clock.stop()
         row.train_peak_mib = max(row.train_peak_mib, peak_mib())
-        row.step_seconds += [b - a for a, b in zip(stamps, stamps[1:], strict=False)]
+        row.step_seconds += clock.step_seconds()
         return self.host.read()
 
 
-def node_seed(seed: int, server_round: int, partition: int) -> int:
-    """The ClientApp's training seed of one node in one round."""
-    return seed * 100_003 + server_round * 1_009 + partition
+class StepClock:
+    """Notes when each training step asks for its batch; the first one also resets the memory peak."""
+
+    def __init__(self) -> None:
+        self.stamps: list[float] = []
+
+    def tick(self) -> None:
+        if not self.stamps:
+            reset_peak()  # the peak of this row's training, not of loading or tokenizing
+        self.stamps.append(time.perf_counter())
+
+    def stop(self) -> None:
+        """The end of the last step."""
+        self.stamps.append(time.perf_counter())
+
+    def step_seconds(self) -> list[float]:
+        return [b - a for a, b in zip(self.stamps, self.stamps[1:], strict=False)]
 
 
 def run_zero_shot(bench: Bench) -> RowResult:
@@ -221,11 +209,14 @@ def run_federated(bench: Bench, strategy_name: str, ranks: tuple[int, ...]) -> R
 
     import torch
 
+    from client_app.worker import node_seed
     from pollen.adapter import flatten, subtract, unflatten
     from pollen.codec import WireSpec, decode, encode, serialized_nbytes
     from pollen.error_feedback import compensate, new_residual
-    from strategies.base import NodeUpdate, StrategySettings, rank_scale, sample_size
+    from strategies.base import StrategySettings
     from strategies.registry import build_strategy
+    from strategies.replies import NodeUpdate, rank_scale
+    from strategies.sampling import sample_size
 
     started = time.monotonic()
     shape, cfg = bench.shape, bench.cfg

@@ -126,50 +126,37 @@ def row_shape(name: str) -> tuple[str, int | None]:
 
 
 class Trainer:
-    """The embedded 4-bit base with one rank-8 adapter that can be reset, trained and evaluated; no Flower."""
+    """The node's worker (embedded 4-bit base), one rank-8 adapter reset, trained and evaluated; no Flower."""
 
     def __init__(self, seed: int) -> None:
+        from client_app.worker import load_worker, tokenize_rows
         from pollen.config import parse_run_config
-        from pollen.model import LoraHost, load_base_model, load_tokenizer
-        from tasks.batches import tokenize_all
+        from pollen.protocol import knobs_for
         from tasks.data import held_out
-        from tasks.embedded import resolve_model_name
 
         self.cfg = parse_run_config({**shipped_run_config(), "seed": seed})
-        path = resolve_model_name(self.cfg.model.name)
-        self.host = LoraHost(load_base_model(path, self.cfg.model), self.cfg.lora, seed=self.cfg.seed)
-        self.host.activate(BASELINE_RANK)
-        self.initial = self.host.read()
-        self.tokenizer = load_tokenizer(path)
+        self.worker = load_worker(self.cfg)
+        self.worker.host.activate(BASELINE_RANK)
+        self.initial = self.worker.host.read()
+        self.knobs = knobs_for(self.cfg, BASELINE_RANK)
         self.eval_set = held_out(self.cfg.task, self.cfg.seed)
-        self.eval_examples = tokenize_all(self.tokenizer, self.eval_set, self.cfg.train.max_seq_len)
+        tokenized = tokenize_rows(
+            self.worker, self.eval_set, self.cfg.train.max_seq_len, self.cfg.task.prompt_format
+        )
+        self.eval_examples = [e for e in tokenized if e.has_response]
 
     def train_and_evaluate(self, train_set: Any, steps: int, seed: int) -> tuple[float, float]:
-        """Reset the adapter, train ``steps`` steps on ``train_set``, return (eval loss, exact match)."""
-        import torch
+        """Reset the adapter, train ``steps`` steps on ``train_set`` as a node does; (eval loss, EM)."""
+        from dataclasses import replace
 
-        from pollen.training import train_steps
-        from tasks.batches import sample_batches, tokenize_all
+        from client_app.worker import train_from
         from tasks.evaluation import exact_match, response_loss
 
-        self.host.write(self.initial)
-        examples = tokenize_all(self.tokenizer, train_set, self.cfg.train.max_seq_len)
-        generator = torch.Generator().manual_seed(seed)
-        torch.manual_seed(seed)  # LoRA dropout, as in the ClientApp
-        batches = sample_batches(examples, self.cfg.train.batch_size, self.tokenizer.pad_token_id, generator)
-        train_steps(
-            self.host.model,
-            self.host.trainable_parameters(),
-            batches,
-            steps,
-            self.cfg.train.lr,
-            torch.device("cpu"),
-        )
-        model, pad = self.host.model, self.tokenizer.pad_token_id
-        loss = response_loss(model, self.eval_examples, pad, EVAL_BATCH_SIZE)
-        match = exact_match(
-            model, self.tokenizer, self.eval_set, self.cfg.task.max_new_tokens, EVAL_BATCH_SIZE
-        )
+        knobs = replace(self.knobs, local_steps=steps)
+        train_from(self.worker, self.initial, knobs, train_set, seed, self.cfg.task.prompt_format)
+        model, tokenizer = self.worker.host.model, self.worker.tokenizer
+        loss = response_loss(model, self.eval_examples, tokenizer.pad_token_id, EVAL_BATCH_SIZE)
+        match = exact_match(model, tokenizer, self.eval_set, self.cfg.task.max_new_tokens, EVAL_BATCH_SIZE)
         if loss is None or match is None:
             raise ValueError("the held-out set has no example with a response token")
         return loss, match

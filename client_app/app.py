@@ -1,7 +1,10 @@
 """ClientApp: decode the global adapter, train locally, reply with the encoded delta.
 
-The base model is loaded (and quantized) once per process and kept in ``_WORKERS``, keyed explicitly
-by everything that changes the loaded model, so every round after the first only swaps LoRA factors.
+Thin glue around client_app/worker.py: train and evaluate parse the message's knobs once
+(:func:`pollen.protocol.parse_round_knobs`), take the process's worker, receive the adapter, call the
+worker module, and encode the reply. The base model is loaded (and quantized) once per process
+and kept in ``_WORKERS``, keyed explicitly by everything that changes the loaded model
+(:func:`client_app.worker.worker_key`), so every round after the first only swaps LoRA factors.
 """
 
 from __future__ import annotations
@@ -9,28 +12,22 @@ from __future__ import annotations
 import functools
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.common.constant import ErrorCode
 
+from client_app.worker import Worker, load_worker, score_round, train_round, worker_key
 from pollen import protocol as P
-from pollen.adapter import Adapter, flatten, subtract, unflatten
+from pollen.adapter import Adapter, unflatten
 from pollen.codec import CodecError, WireSpec, decode, encode
 from pollen.config import ConfigError, NodeConfig, RunConfig, parse_node_config, parse_run_config
-from pollen.device import resolve_device
 from pollen.downlink import apply_payload, load_view, store_view
 from pollen.error_feedback import compensate, new_residual
-from pollen.model import LoraHost, load_base_model, load_tokenizer
-from pollen.training import train_steps
-from tasks.batches import ExampleTokenizer, sample_batches
+from pollen.protocol import RoundKnobs
 from tasks.data import DataError, node_data
-from tasks.embedded import resolve_model_name
-from tasks.evaluation import response_loss
-from tasks.prompts import PromptFormatError, resolve_prompt_format
+from tasks.prompts import PromptFormatError
 
 log = logging.getLogger("pollen")
 app = ClientApp()
@@ -39,44 +36,13 @@ app = ClientApp()
 RESIDUAL_STATE = "pollen-residual"
 RESIDUAL_RANK_STATE = "pollen-residual-rank"  # ConfigRecord: the rank the residual belongs to
 
-
-@dataclass
-class Worker:
-    """A loaded base model with its LoRA host and tokenizer (one per process and model setting)."""
-
-    host: LoraHost
-    tokenizer: Any
-    device: torch.device
-
-    def tokenizer_for(self, max_seq_len: int, prompt_format: str) -> ExampleTokenizer:
-        """Tokenizes examples as the server does: same prompt format (task.prompt-format), same cut."""
-        prompt = resolve_prompt_format(prompt_format, self.tokenizer)
-        return ExampleTokenizer(self.tokenizer, max_seq_len, prompt)
-
-
-_WORKERS: dict[tuple[Any, ...], Worker] = {}
+_WORKERS: dict[tuple[object, ...], Worker] = {}
 
 
 def _worker(run: RunConfig, node: NodeConfig) -> Worker:
-    path = resolve_model_name(run.model.name)
-    device_name = node.device or run.model.device
-    checkpointing = run.train.gradient_checkpointing
-    key = (
-        path,
-        run.model.quantization,
-        device_name,
-        run.model.compute_dtype,
-        run.lora,
-        run.seed,
-        checkpointing,
-    )
+    key = worker_key(run, node.device)
     if key not in _WORKERS:
-        base = load_base_model(path, run.model, device_override=node.device)
-        _WORKERS[key] = Worker(
-            host=LoraHost(base, run.lora, seed=run.seed, gradient_checkpointing=checkpointing),
-            tokenizer=load_tokenizer(path),
-            device=resolve_device(device_name),
-        )
+        _WORKERS[key] = load_worker(run, node.device)
     return _WORKERS[key]
 
 
@@ -112,21 +78,21 @@ def _configs(context: Context) -> tuple[RunConfig, NodeConfig]:
     return parse_run_config(context.run_config), parse_node_config(context.node_config)
 
 
-def _check_instruction(message: Message, worker: Worker, node: NodeConfig) -> tuple[ConfigRecord, int]:
-    """The round's config and rank, after checking this node can take part."""
+def _instruction(message: Message, worker: Worker, node: NodeConfig) -> tuple[ConfigRecord, RoundKnobs]:
+    """The message's config and its parsed knobs, after checking this node can take part."""
     config = message.content.config_records[P.CONFIG]
-    rank = P.config_int(config, P.RANK)
+    knobs = P.parse_round_knobs(config)
     if config.get(P.FINGERPRINT) != worker.host.fingerprint:
         raise ValueError(
             f"the server's base model (fingerprint {config.get(P.FINGERPRINT)!r}) differs from this node's "
             f"({worker.host.fingerprint}); load the same base model as the federation"
         )
-    if node.lora_rank and node.lora_rank != rank:
+    if node.lora_rank and node.lora_rank != knobs.rank:
         raise ValueError(
-            f"this node is configured for lora-rank={node.lora_rank} but the server sent rank {rank}; "
+            f"this node is configured for lora-rank={node.lora_rank} but the server sent rank {knobs.rank}; "
             "the server's strategy must support per-node ranks (strategy.name)"
         )
-    return config, rank
+    return config, knobs
 
 
 @app.query()
@@ -155,60 +121,32 @@ def train(message: Message, context: Context) -> Message:
     """One round of local training; replies with the (optionally quantized) delta of the factors."""
     run, node = _configs(context)
     worker = _worker(run, node)
-    config, rank = _check_instruction(message, worker, node)
-    received = _receive(message, context, config, rank, run.lora.alpha)
-
-    slot = worker.host.activate(rank)
-    worker.host.write(received)
-    train_a = bool(config.get(P.TRAIN_A, True))
+    config, knobs = _instruction(message, worker, node)
+    received = _receive(message, context, config, knobs.rank, run.lora.alpha)
     train_set, _ = node_data(run.task, node.partition_id, node.num_partitions, run.seed, node.data_path)
-    tokenize = worker.tokenizer_for(P.config_int(config, P.MAX_SEQ_LEN), run.task.prompt_format)
-    tokenized = [tokenize(example) for example in train_set]
-    examples = [e for e in tokenized if e.has_response]
-    server_round = P.config_int(config, P.ROUND)
-    seed = run.seed * 100_003 + server_round * 1_009 + node.partition_id
-    generator = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)  # LoRA dropout draws from the global generator: same seed, same run
-    batches = sample_batches(
-        examples, P.config_int(config, P.BATCH_SIZE), worker.tokenizer.pad_token_id, generator
-    )
-    result = train_steps(
-        worker.host.model,
-        worker.host.trainable_parameters(include_a=train_a),
-        batches,
-        steps=P.config_int(config, P.LOCAL_STEPS),
-        lr=P.config_number(config, P.LR),
-        device=worker.device,
-    )
-    delta = flatten(subtract(worker.host.read(), received))
-    if not train_a:  # A stayed frozen: its delta is zero and is not sent
-        delta = {name: tensor for name, tensor in delta.items() if not name.endswith(".A")}
+    done = train_round(worker, received, knobs, train_set, node.partition_id, run.task.prompt_format)
 
-    spec = WireSpec(
-        bits=P.config_int(config, P.UPLINK_BITS),
-        scheme=str(config[P.UPLINK_SCHEME]),
-        block_size=P.config_int(config, P.BLOCK_SIZE),
-    )
-    use_feedback = bool(config[P.ERROR_FEEDBACK]) and spec.bits < 32
-    residual = _load_residual(context, rank) if use_feedback else None
-    to_send = compensate(delta, residual)
-    record = encode(to_send, spec, generator)
+    spec = WireSpec(bits=knobs.uplink_bits, scheme=knobs.uplink_scheme, block_size=knobs.block_size)
+    use_feedback = knobs.error_feedback and spec.bits < 32
+    residual = _load_residual(context, knobs.rank) if use_feedback else None
+    to_send = compensate(done.delta, residual)
+    record = encode(to_send, spec, done.generator)
     if use_feedback:
-        _store_residual(context, rank, new_residual(to_send, decode(record)))
+        _store_residual(context, knobs.rank, new_residual(to_send, decode(record)))
 
     metrics = MetricRecord(
         {
-            P.NUM_EXAMPLES: len(examples),
-            P.NUM_PROMPT_CUT: sum(e.prompt_cut > 0 for e in tokenized),
-            P.TRAIN_LOSS: result.mean_loss,
-            P.TRAIN_SECONDS: result.seconds,
+            P.NUM_EXAMPLES: done.num_examples,
+            P.NUM_PROMPT_CUT: done.num_prompt_cut,
+            P.TRAIN_LOSS: done.train.mean_loss,
+            P.TRAIN_SECONDS: done.train.seconds,
             P.PEAK_RSS_MB: peak_rss_mb(),
         }
     )
     meta = ConfigRecord(
         {
-            P.RANK: rank,
-            P.LORA_SCALE: slot.scale,
+            P.RANK: knobs.rank,
+            P.LORA_SCALE: run.lora.alpha / knobs.rank,  # the trained slot's scale (LoraHost.activate)
             P.FINGERPRINT: worker.host.fingerprint,
             P.QUANTIZATION: run.model.quantization,
         }
@@ -223,20 +161,14 @@ def evaluate(message: Message, context: Context) -> Message:
     """Loss of the received global adapter on this node's held-back examples."""
     run, node = _configs(context)
     worker = _worker(run, node)
-    config, rank = _check_instruction(message, worker, node)
-    received = unflatten(decode(message.content.array_records[P.ADAPTER]), scale=run.lora.alpha / rank)
-    worker.host.activate(rank)
-    worker.host.write(received)
+    _, knobs = _instruction(message, worker, node)
+    received = unflatten(decode(message.content.array_records[P.ADAPTER]), scale=run.lora.alpha / knobs.rank)
     _, local_eval = node_data(run.task, node.partition_id, node.num_partitions, run.seed, node.data_path)
-    tokenize = worker.tokenizer_for(P.config_int(config, P.MAX_SEQ_LEN), run.task.prompt_format)
-    examples = [e for e in map(tokenize, local_eval) if e.has_response]
-    loss = response_loss(
-        worker.host.model, examples, worker.tokenizer.pad_token_id, P.config_int(config, P.BATCH_SIZE)
-    )
+    loss, count = score_round(worker, received, knobs, local_eval, run.task.prompt_format)
     # No examples, no loss: a weight of 0 tells the server to leave this node out of the mean.
     figures: dict[str, int | float] = {P.NUM_EXAMPLES: 0}
     if loss is not None:
-        figures = {P.NUM_EXAMPLES: len(examples), P.EVAL_LOSS: loss}
+        figures = {P.NUM_EXAMPLES: count, P.EVAL_LOSS: loss}
     metrics = MetricRecord(dict(figures))
     return Message(content=RecordDict({P.METRICS: metrics}), reply_to=message)
 

@@ -23,7 +23,6 @@ from pollen.model import (
     load_base_model,
     load_tokenizer,
 )
-from pollen.schedule import round_lr
 from pollen.targets import TargetModulesError
 from server_app.artifacts import CHECKPOINT_DIR, RunFolder, check_run_folder_free, run_folder_path
 from server_app.checkpoint import (
@@ -134,20 +133,7 @@ def check_strategy_ranks(cfg: RunConfig) -> list[str]:
 
 def train_config(cfg: RunConfig, server_round: int) -> ConfigRecord:
     """The knobs every node receives with its adapter in ``server_round``, its learning rate scheduled."""
-    t = cfg.train
-    return ConfigRecord(
-        {
-            P.LOCAL_STEPS: t.local_steps,
-            P.LR: round_lr(t.lr_schedule, t.lr, t.lr_min, server_round, cfg.num_server_rounds),
-            P.BATCH_SIZE: t.batch_size,
-            P.MAX_SEQ_LEN: t.max_seq_len,
-            P.SEED: cfg.seed,
-            P.UPLINK_BITS: cfg.wire.uplink_bits,
-            P.UPLINK_SCHEME: cfg.wire.scheme,
-            P.BLOCK_SIZE: cfg.wire.block_size,
-            P.ERROR_FEEDBACK: cfg.wire.error_feedback,
-        }
-    )
+    return ConfigRecord(dict(P.round_settings(cfg, server_round).items()))
 
 
 def _stop(problems: list[str], code: int = 2, topic: str = "config") -> NoReturn:

@@ -197,7 +197,7 @@ def test_shipped_default_is_all_linear_and_mixing_it_is_a_config_error(run_confi
 def test_pollen_check_names_the_models_layers_for_a_wrong_target(
     tiny: tuple[str, Path], capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from pollen.preflight import main
+    from client_app.preflight import main
 
     kind, folder = tiny
     wrong = "c_attn" if kind == "qwen2" else "q_proj"

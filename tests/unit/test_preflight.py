@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from pollen import preflight
-from pollen.preflight import doubling, largest_fitting, main
+from client_app import preflight
+from client_app.preflight import doubling, largest_fitting, main
 
 QUICK = ["--quantization", "none", "--max-seq-len", "16", "--max-rank", "4", "--max-batch", "4"]
 
