@@ -36,11 +36,11 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from benchmarks.report import load_average, machine_line, write_section  # noqa: E402
+from server_app.evaluation import EVAL_BATCH_SIZE  # noqa: E402
 
 MODEL = "smollm2-135m"
 RANK = 8
 LR = 3e-3
-EVAL_BATCH_SIZE = 32  # server_app/evaluation.py's batch size, for the evaluation peak
 
 
 @dataclass(frozen=True)

@@ -46,7 +46,6 @@ from strategies.registry import STRATEGY_CLASSES  # noqa: E402
 NUM_NODES = 10
 MIXED_RANKS = "2,4,8,16"
 BASELINE_RANK = 8
-EVAL_BATCH_SIZE = 32
 MAX_EM_GAP = 0.03  # a heterogeneous 4-bit strategy must be within 3 exact-match points of fp32 fedavg
 LOG = ROOT / "benchmarks" / "results" / "strategies.jsonl"
 LOCAL_ONLY = "local-only (mean of nodes)"
@@ -126,37 +125,33 @@ def row_shape(name: str) -> tuple[str, int | None]:
 
 
 class Trainer:
-    """The node's worker (embedded 4-bit base), one rank-8 adapter reset, trained and evaluated; no Flower."""
+    """A node's worker (embedded 4-bit base) with one rank-8 adapter that is reset and trained as a node
+    trains it, then scored by the server's own central evaluator; no Flower."""
 
     def __init__(self, seed: int) -> None:
-        from client_app.worker import load_worker, tokenize_rows
+        from client_app.worker import load_worker
         from pollen.config import parse_run_config
         from pollen.protocol import knobs_for
-        from tasks.data import held_out
+        from server_app.app import build_evaluator, preflight
 
-        self.cfg = parse_run_config({**shipped_run_config(), "seed": seed})
+        run_config = {**shipped_run_config(), "seed": seed}
+        self.cfg = parse_run_config(run_config)
         self.worker = load_worker(self.cfg)
         self.worker.host.activate(BASELINE_RANK)
         self.initial = self.worker.host.read()
         self.knobs = knobs_for(self.cfg, BASELINE_RANK)
-        self.eval_set = held_out(self.cfg.task, self.cfg.seed)
-        tokenized = tokenize_rows(
-            self.worker, self.eval_set, self.cfg.train.max_seq_len, self.cfg.task.prompt_format
-        )
-        self.eval_examples = [e for e in tokenized if e.has_response]
+        self.evaluate = build_evaluator(preflight(run_config), self.worker.host)
 
     def train_and_evaluate(self, train_set: Any, steps: int, seed: int) -> tuple[float, float]:
         """Reset the adapter, train ``steps`` steps on ``train_set`` as a node does; (eval loss, EM)."""
         from dataclasses import replace
 
         from client_app.worker import train_from
-        from tasks.evaluation import exact_match, response_loss
 
         knobs = replace(self.knobs, local_steps=steps)
         train_from(self.worker, self.initial, knobs, train_set, seed, self.cfg.task.prompt_format)
-        model, tokenizer = self.worker.host.model, self.worker.tokenizer
-        loss = response_loss(model, self.eval_examples, tokenizer.pad_token_id, EVAL_BATCH_SIZE)
-        match = exact_match(model, tokenizer, self.eval_set, self.cfg.task.max_new_tokens, EVAL_BATCH_SIZE)
+        figures = self.evaluate(self.worker.host.read())
+        loss, match = figures["eval_loss"], figures.get("exact_match")
         if loss is None or match is None:
             raise ValueError("the held-out set has no example with a response token")
         return loss, match
