@@ -29,6 +29,10 @@ UNCHANGED_BY_DEFAULT: dict[str, Any] = {
     "task.metric": "auto",
     "task.labels": "",
     "train.gradient-checkpointing": False,
+    # bounds on what a node may send; no honest node of the benchmarks comes near them
+    "strategy.max-rank": 256,
+    "strategy.max-update-ratio": 25.0,
+    "strategy.max-node-examples": 1000000,
 }
 EMBEDDED_ALL_LINEAR = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 

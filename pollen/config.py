@@ -85,6 +85,9 @@ class StrategyConfig:
     rank_plan: tuple[int, ...]  # ranks cycled over nodes by partition id; () = every node lora.rank
     norm_weighted: bool
     ffa_lr_multiplier: float  # ffa only: nodes train B with train.lr times this
+    max_rank: int  # largest rank a node may train (handshake bound)
+    max_update_ratio: float  # update norm bound, as a multiple of the norm of what the node was sent
+    max_node_examples: int  # cap on the weight (examples) one update counts for
 
 
 @dataclass(frozen=True)
@@ -227,6 +230,9 @@ _RUN_KEYS: dict[str, _Key] = {
     ),
     "strategy.norm-weighted": _Key(bool, accepted="true or false"),
     "strategy.ffa-lr-multiplier": _Key(float, lambda v: 0 < v <= 1000, "a number above 0, up to 1000"),
+    "strategy.max-rank": _Key(int, lambda v: 1 <= v <= 4096, "an integer from 1 to 4096"),
+    "strategy.max-update-ratio": _Key(float, lambda v: 0 < v <= 1e6, "a number above 0, up to 1e6"),
+    "strategy.max-node-examples": _Key(int, lambda v: v >= 1, "an integer >= 1"),
     "wire.uplink-bits": _one_of(WIRE_BITS),
     "wire.downlink-bits": _one_of(WIRE_BITS),
     "wire.block-size": _Key(int, lambda v: 2 <= v <= 65536, "an integer from 2 to 65536"),
@@ -282,6 +288,15 @@ def parse_run_config(run_config: Mapping[str, Any]) -> RunConfig:
             continue
         values[key] = _coerce(key, run_config[key], spec, problems)
     if not problems:
+        too_big = sorted(
+            {values["lora.rank"], *_rank_plan(values["strategy.rank-plan"])}
+            - set(range(values["strategy.max-rank"] + 1))
+        )
+        if too_big:
+            problems.append(
+                f"rank {too_big[-1]} (lora.rank or strategy.rank-plan) is above strategy.max-rank="
+                f"{values['strategy.max-rank']}: raise strategy.max-rank or use smaller ranks"
+            )
         if values["train.lr-schedule"] == "cosine" and values["train.lr-min"] > values["train.lr"]:
             problems.append(
                 f"train.lr-min={values['train.lr-min']} is above train.lr={values['train.lr']}: "
@@ -354,6 +369,9 @@ def parse_run_config(run_config: Mapping[str, Any]) -> RunConfig:
             rank_plan=_rank_plan(v["strategy.rank-plan"]),
             norm_weighted=v["strategy.norm-weighted"],
             ffa_lr_multiplier=v["strategy.ffa-lr-multiplier"],
+            max_rank=v["strategy.max-rank"],
+            max_update_ratio=v["strategy.max-update-ratio"],
+            max_node_examples=v["strategy.max-node-examples"],
         ),
         wire=WireConfig(
             uplink_bits=v["wire.uplink-bits"],
