@@ -132,7 +132,8 @@ class Trainer:
         from client_app.worker import load_worker
         from pollen.config import parse_run_config
         from pollen.protocol import knobs_for
-        from server_app.app import build_evaluator, preflight
+        from server_app.app import build_evaluator
+        from server_app.preflight import preflight
 
         run_config = {**shipped_run_config(), "seed": seed}
         self.cfg = parse_run_config(run_config)

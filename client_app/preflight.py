@@ -192,7 +192,7 @@ def _quiet_libraries() -> None:
 def run_checks(args: argparse.Namespace, report: Report) -> None:
     """Fill ``report``; raise :class:`Unusable` at the first problem that stops this node joining."""
     from pollen.device import resolve_device
-    from pollen.model import LoraHost, check_model_available, load_base_model
+    from pollen.model import LoraHost, check_model_available, check_model_files, load_base_model
     from pollen.targets import TargetModulesError
     from tasks.embedded import resolve_model_name
 
@@ -231,11 +231,16 @@ def run_checks(args: argparse.Namespace, report: Report) -> None:
     try:
         path = resolve_model_name(args.model)
         check_model_available(path)
+        damage = check_model_files(path)  # a folder without weights or tokenizer, or truncated weights
+        if damage:
+            raise Unusable("; ".join(damage.values()))
         started = time.perf_counter()
         model_config = ModelConfig(args.model, args.quantization, str(device), "auto")
         base = load_base_model(path, model_config, device_override=str(device))
         targets = tuple(t.strip() for t in args.target_modules.split(",") if t.strip())
         host = LoraHost(base, LoraConfig(args.lora_rank, 2.0 * args.lora_rank, 0.0, targets))
+    except Unusable:
+        raise
     except TargetModulesError as exc:
         raise Unusable(str(exc).replace("lora.target-modules=", "--target-modules ")) from None
     except (OSError, ValueError, RuntimeError) as exc:

@@ -123,10 +123,10 @@ def _checked_input(name: object, tensor: object) -> torch.Tensor:
         raise ValueError(f"tensor name {name!r} cannot be encoded: use a non-empty string without NUL bytes")
     if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point():
         kind = tensor.dtype if isinstance(tensor, torch.Tensor) else type(tensor).__name__
-        raise TypeError(f"tensor {name!r} is {kind}; the codec encodes real floating-point torch tensors")
+        raise TypeError(f"tensor {shown(str(name))!r} is {kind}; the codec encodes float torch tensors")
     if tensor.dim() > MAX_NDIM or tensor.numel() > MAX_NUMEL or any(d > MAX_NUMEL for d in tensor.shape):
         raise ValueError(
-            f"tensor {name!r} of shape {tuple(tensor.shape)} is too large for the wire format "
+            f"tensor {shown(name)!r} of shape {tuple(tensor.shape)} is too large for the wire format "
             f"(at most {MAX_NDIM} dimensions and {MAX_NUMEL} elements)"
         )
     return tensor.detach().to(device="cpu", dtype=torch.float32).reshape(-1)  # (numel,)
@@ -143,10 +143,10 @@ def _check_values(names: list[str], flats: list[torch.Tensor], everything: torch
         return
     for name, flat in zip(names, flats, strict=True):
         if not bool(torch.isfinite(flat).all()):
-            raise ValueError(f"tensor {name!r} contains nan or inf; only finite values can be encoded")
+            raise ValueError(f"tensor {shown(name)!r} contains nan or inf; only finite values can be encoded")
         if not fits and flat.numel() and float(flat.abs().max()) > FP16_MAX:
             raise ValueError(
-                f"tensor {name!r} has values up to {float(flat.abs().max()):.4g}, "
+                f"tensor {shown(name)!r} has values up to {float(flat.abs().max()):.4g}, "
                 f"beyond float16's +-{FP16_MAX:g}; "
                 "use bits=32, or bits=8/4 whose block scales cover the float32 range"
             )
@@ -283,8 +283,8 @@ def _parse_shape(text: bytes, name: str) -> tuple[int, ...]:
     shape = tuple(size for size in sizes if size is not None)
     if len(shape) != len(sizes) or len(shape) > MAX_NDIM or math.prod(shape) > MAX_NUMEL:
         raise CodecError(
-            f"tensor {name!r} has shape {text[:80]!r} in {INDEX_KEY!r}; expected up to {MAX_NDIM} decimal "
-            f"sizes joined by 'x' with at most {MAX_NUMEL} elements in all"
+            f"tensor {shown(name)!r} has shape {text[:80]!r} in {INDEX_KEY!r}; expected up to {MAX_NDIM} "
+            f"decimal sizes joined by 'x' with at most {MAX_NUMEL} elements in all"
         )
     return shape
 
@@ -316,7 +316,7 @@ def _parse_index(record: ArrayRecord, count: int) -> tuple[list[str], list[tuple
         if not name:
             raise CodecError(f"{INDEX_KEY!r}: tensor #{position} has an empty name")
         if name in seen:
-            raise CodecError(f"{INDEX_KEY!r} repeats the tensor name {name!r}; names must be distinct")
+            raise CodecError(f"{INDEX_KEY!r} repeats the tensor name {shown(name)!r}; names must be distinct")
         seen.add(name)
         names.append(name)
         shapes.append(_parse_shape(parts[2 * position + 1], name))
@@ -365,19 +365,19 @@ def _decode_quantized(
         packed = all_codes[code_pos : code_pos + nbytes]  # (nbytes,)
         scale_pos, code_pos = scale_pos + blocks, code_pos + nbytes
         if bool(((bits & quantize.BF16_EXP_MASK) == quantize.BF16_EXP_MASK).any()):
-            raise CodecError(f"tensor {name!r} has a nan or inf block scale; scales must be finite")
+            raise CodecError(f"tensor {shown(name)!r} has a nan or inf block scale; scales must be finite")
         if bool((bits & quantize.BF16_SIGN_MASK).any()):
-            raise CodecError(f"tensor {name!r} has a negative block scale; scales must be >= 0")
+            raise CodecError(f"tensor {shown(name)!r} has a negative block scale; scales must be >= 0")
         if spec.bits == 4:
             codes, clean = quantize.unpack_nibbles(packed, numel)
             if not clean:
-                raise CodecError(f"tensor {name!r} has a non-zero padding nibble after its last code")
+                raise CodecError(f"tensor {shown(name)!r} has a non-zero padding nibble after its last code")
         else:
             codes = packed
         if numel and int(codes.max()) >= n_levels:
             raise CodecError(
-                f"tensor {name!r} has code {int(codes.max())}, but the {spec.bits}-bit {spec.scheme} grid "
-                f"has only {n_levels} levels"
+                f"tensor {shown(name)!r} has code {int(codes.max())}, but the {spec.bits}-bit {spec.scheme} "
+                f"grid has only {n_levels} levels"
             )
         values = quantize.dequantize(bits, codes, spec.bits, spec.scheme, spec.block_size)  # (numel,)
         out[name] = values.reshape(shape)
@@ -405,8 +405,69 @@ def _decode(record: ArrayRecord) -> dict[str, torch.Tensor]:
         culprit = next(
             name for name, part in zip(names, parts, strict=True) if not bool(torch.isfinite(part).all())
         )
-        raise CodecError(f"tensor {culprit!r} decodes to nan or inf; the sender must send finite values")
+        raise CodecError(f"tensor {shown(culprit)!r} decodes to nan or inf; send finite values")
     return {name: part.reshape(shape) for name, part, shape in zip(names, parts, shapes, strict=True)}
+
+
+@dataclass(frozen=True)
+class Layout:
+    """What a record holds, read from its header and index alone: the wire spec, names and shapes."""
+
+    spec: WireSpec
+    names: tuple[str, ...]
+    shapes: tuple[tuple[int, ...], ...]
+
+    @property
+    def numel(self) -> int:
+        return sum(math.prod(shape) for shape in self.shapes)
+
+
+def describe(record: ArrayRecord, max_tensors: int | None = None) -> Layout:
+    """The layout of a record made by :func:`encode`, without reading or dequantizing its values.
+
+    Cheap whatever the payload, so a receiver can check names, shapes and spec against what it expects
+    before it decodes. ``max_tensors`` refuses a header declaring more tensors before the index is read.
+    Raises :class:`CodecError` for anything malformed.
+    """
+    try:
+        if not isinstance(record, ArrayRecord):
+            raise CodecError(f"expected a flwr ArrayRecord, got {type(record).__name__}")
+        spec, count = _parse_header(record)
+        if max_tensors is not None and count > max_tensors:
+            raise CodecError(f"header declares {count} tensors, more than the {max_tensors} expected")
+        names, shapes = _parse_index(record, count)
+    except CodecError:
+        raise
+    except Exception as exc:  # as in decode: a malformed payload must never crash the receiver
+        raise CodecError(f"internal error while reading the layout ({type(exc).__name__}: {exc})") from exc
+    return Layout(spec=spec, names=tuple(names), shapes=tuple(shapes))
+
+
+def fp32_sized(layout: Layout) -> ArrayRecord:
+    """A float32 record of ``layout``'s names and shapes (zeros): what the payload would weigh unquantized.
+
+    Raw float32 bytes do not depend on the values, so byte accounting needs no decode.
+    """
+    record = ArrayRecord()
+    index = bytearray()
+    previous = b""
+    header = [CODEC_VERSION, 32, 0, layout.spec.block_size, len(layout.names)]
+    for name, shape in zip(layout.names, layout.shapes, strict=True):
+        raw_name = name.encode("utf-8")
+        shared = _shared_prefix(previous, raw_name)
+        index += b"%d:%s\0%s\0" % (shared, raw_name[shared:], "x".join(map(str, shape)).encode("ascii"))
+        previous = raw_name
+    record[HEADER_KEY] = _raw(np.asarray(header, dtype=np.int64), "int32", "<i4")
+    record[INDEX_KEY] = _raw(np.frombuffer(bytes(index), dtype=np.uint8), "uint8", "u1")
+    record[VALUES_KEY] = Array(
+        dtype="float32", shape=(layout.numel,), stype=STYPE, data=bytes(4 * layout.numel)
+    )
+    return record
+
+
+def shown(name: str, limit: int = 80) -> str:
+    """A tensor name as an error message shows it: cut to ``limit`` characters (names can be huge)."""
+    return name if len(name) <= limit else f"{name[:limit]}... ({len(name)} characters)"
 
 
 def decode(record: ArrayRecord) -> dict[str, torch.Tensor]:

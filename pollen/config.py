@@ -8,6 +8,7 @@ the key, the bad value and what is accepted.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -22,6 +23,10 @@ TASK_METRICS = ("auto", "exact", "label", "choice", "loss")  # tasks/metrics.py
 STRATEGIES = ("fedavg", "zeropad", "flora", "flexlora", "ffa")
 WIRE_BITS = (32, 16, 8, 4)
 WIRE_SCHEMES = ("absmax", "nf4")
+# task.num-train generates the synthetic examples in memory: a million take about 15 s and 0.5 GB,
+# far more than a run trains on; 10**8 took 16 GB before anything else ran.
+MAX_NUM_TRAIN = 1_000_000
+MAX_RUN_NAME = 100  # characters of output.run-name (one folder name on every file system)
 
 
 class ConfigError(ValueError):
@@ -161,17 +166,28 @@ def _device_ok(value: str) -> bool:
     return value.startswith("cuda:") and value[5:].isdigit()
 
 
+def _run_name_ok(value: str) -> bool:
+    """A plain folder name: no path separator, not '.' or '..', no control character, not too long."""
+    return (
+        len(value) <= MAX_RUN_NAME
+        and not any(sep in value for sep in ("/", "\\"))
+        and value not in (".", "..")
+        and all(ord(ch) >= 32 and ord(ch) != 127 for ch in value)
+    )
+
+
 _POSITIVE_INT = _Key(int, lambda v: v >= 1, "an integer >= 1")
 _FRACTION = _Key(float, lambda v: 0.0 <= v <= 1.0, "a number from 0.0 to 1.0")
 
 _RUN_KEYS: dict[str, _Key] = {
     "num-server-rounds": _POSITIVE_INT,
     "seed": _Key(int, lambda v: v >= 0, "an integer >= 0"),
-    "output.dir": _Key(str, lambda v: v.strip() != "", "a non-empty folder path"),
+    "output.dir": _Key(str, lambda v: v.strip() != "" and "\0" not in v, "a non-empty folder path"),
     "output.run-name": _Key(
         str,
-        lambda v: "/" not in v and v not in (".", ".."),
-        "a folder name without '/', or empty for a timestamp",
+        _run_name_ok,
+        f"a plain folder name (no '/' or '\\', not '.' or '..', no control characters, at most "
+        f"{MAX_RUN_NAME} characters), or empty for a timestamp",
     ),
     "output.resume": _Key(bool, accepted="true or false"),
     "model.name": _Key(
@@ -208,7 +224,7 @@ _RUN_KEYS: dict[str, _Key] = {
     "task.partitioner": _one_of(PARTITIONERS),
     "task.alpha": _Key(float, lambda v: v > 0, "a number > 0"),
     "task.partition-by": _Key(str, lambda v: v.strip() != "", "a column name"),
-    "task.num-train": _Key(int, lambda v: v >= 10, "an integer >= 10"),
+    "task.num-train": _Key(int, lambda v: 10 <= v <= MAX_NUM_TRAIN, f"an integer from 10 to {MAX_NUM_TRAIN}"),
     "task.num-eval": _POSITIVE_INT,
     "task.max-new-tokens": _POSITIVE_INT,
     "task.prompt-format": _one_of(PROMPT_FORMATS),
@@ -260,6 +276,9 @@ def _coerce(key: str, raw: Any, spec: _Key, problems: list[str]) -> Any:
         accepted = spec.accepted or spec.kind.__name__
         problems.append(f"{key}={raw!r} is not valid: expected {accepted}")
         return None
+    if isinstance(value, float) and not math.isfinite(value):  # inf passes every bound check, nan none
+        problems.append(f"{key}={raw!r} is not valid: expected {spec.accepted or 'a number'}, not inf or nan")
+        return None
     if not spec.check(value):
         problems.append(f"{key}={raw!r} is not valid: expected {spec.accepted}")
         return None
@@ -268,6 +287,29 @@ def _coerce(key: str, raw: Any, spec: _Key, problems: list[str]) -> Any:
 
 def _rank_plan(text: str) -> tuple[int, ...]:
     return tuple(int(part) for part in text.split(",")) if text.strip() else ()
+
+
+def _wire_problems(values: Mapping[str, Any]) -> list[str]:
+    """The uplink and downlink as the codec builds them: each combination it refuses, by config key."""
+    from pollen.codec import WireSpec  # lazy: the codec imports torch and flwr
+
+    scheme, block_size = values["wire.scheme"], values["wire.block-size"]
+    problems = []
+    for key in ("wire.uplink-bits", "wire.downlink-bits"):
+        bits = values[key]
+        try:
+            WireSpec(bits=bits, scheme=scheme, block_size=block_size)
+        except ValueError as exc:
+            if scheme == "nf4" and bits != 4:
+                problems.append(
+                    f"{key}={bits} does not fit wire.scheme='nf4': NF4 codes 4-bit payloads only, and the "
+                    f"scheme applies to both directions; set {key}=4 or use wire.scheme='absmax'"
+                )
+            else:
+                reason = str(exc).replace("WireSpec.block_size", "wire.block-size")
+                reason = reason.replace("WireSpec.scheme", "wire.scheme").replace("WireSpec.bits", key)
+                problems.append(f"{key}={bits} with wire.scheme={scheme!r} is refused by the codec: {reason}")
+    return problems
 
 
 def parse_run_config(run_config: Mapping[str, Any]) -> RunConfig:
@@ -309,15 +351,7 @@ def parse_run_config(run_config: Mapping[str, Any]) -> RunConfig:
             )
         if values["output.resume"] and not values["output.run-name"]:
             problems.append("output.resume=true needs output.run-name: name the run folder to continue")
-        if values["wire.scheme"] == "nf4" and 4 not in (
-            values["wire.uplink-bits"],
-            values["wire.downlink-bits"],
-        ):
-            problems.append(
-                f"wire.scheme='nf4' applies to 4-bit payloads only, but wire.uplink-bits="
-                f"{values['wire.uplink-bits']} and wire.downlink-bits={values['wire.downlink-bits']}: "
-                "set one of them to 4 or use wire.scheme='absmax'"
-            )
+        problems.extend(_wire_problems(values))
     if problems:
         raise ConfigError(problems)
     v = values

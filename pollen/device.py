@@ -10,7 +10,7 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 
 def resolve_device(requested: str) -> torch.device:
-    """'auto' -> CUDA when present, else CPU; an explicit CUDA request on a machine without CUDA fails."""
+    """'auto' -> CUDA when present, else CPU; a device this machine lacks fails with one line."""
     if requested == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(requested)
@@ -18,6 +18,17 @@ def resolve_device(requested: str) -> torch.device:
         raise RuntimeError(
             f"model.device={requested!r} asks for CUDA but this machine has no usable CUDA device; "
             "use 'auto' or 'cpu'"
+        )
+    count = torch.cuda.device_count() if device.type == "cuda" else 0
+    if device.type == "cuda" and device.index is not None and device.index >= count:
+        raise RuntimeError(
+            f"model.device={requested!r} asks for CUDA device {device.index}, but this machine has {count} "
+            f"(cuda:0 to cuda:{count - 1}); use one of them, 'cuda' or 'auto'"
+        )
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise RuntimeError(
+            f"model.device={requested!r} asks for Apple's Metal (MPS) backend, which this machine does not "
+            "have; use 'auto' or 'cpu'"
         )
     return device
 

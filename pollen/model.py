@@ -6,6 +6,7 @@ single base, so a simulation actor serving nodes of ranks 4 and 16 never re-quan
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -49,6 +50,127 @@ def check_model_available(name_or_path: str) -> None:
             f"hub or cache did not provide it ({reason}); use 'embedded', 'smollm2-135m', a local folder, "
             "or a reachable id"
         ) from exc
+
+
+# Files a local model folder holds its weights in, in the order transformers prefers them.
+_WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
+# Files one of which a tokenizer that AutoTokenizer can build needs (fast, SentencePiece, BPE, WordPiece).
+_TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "vocab.json",
+    "vocab.txt",
+    "spiece.model",
+)
+_MAX_HEADER = 100 * 1024**2  # safetensors refuses headers above 100 MB
+
+
+def _safetensors_damage(path: Path) -> str:
+    """'' when the file's header parses and the file is as long as the header says; else what is wrong."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as handle:
+            prefix = handle.read(8)
+            length = int.from_bytes(prefix, "little") if len(prefix) == 8 else -1
+            if not 0 < length <= min(size - 8, _MAX_HEADER):
+                return f"{path.name} is truncated or not a safetensors file ({size} bytes)"
+            header = json.loads(handle.read(length))
+        tensors = [v for k, v in header.items() if k != "__metadata__"]
+        end = max((int(v["data_offsets"][1]) for v in tensors), default=0)
+    except OSError as exc:
+        return f"{path.name} cannot be read ({exc.strerror or exc})"
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+        return f"{path.name} has a damaged header (not a safetensors file?)"
+    if 8 + length + end != size:
+        return f"{path.name} is truncated: {size} bytes, its header describes {8 + length + end}"
+    return ""
+
+
+def _torch_file_damage(path: Path) -> str:
+    """'' when ``path`` looks like a whole torch.save file (a zip archive, or a legacy pickle)."""
+    import zipfile
+
+    try:
+        with open(path, "rb") as handle:
+            first = handle.read(1)
+        if zipfile.is_zipfile(path) or first == b"\x80":
+            return ""
+    except OSError as exc:
+        return f"{path.name} cannot be read ({exc.strerror or exc})"
+    return f"{path.name} is truncated or not a PyTorch checkpoint"
+
+
+def _shard_damage(folder: Path, index_name: str) -> str:
+    """What is wrong with a sharded checkpoint: its index, or the first missing or damaged shard."""
+    try:
+        index = json.loads((folder / index_name).read_text(encoding="utf-8"))
+        shards = sorted({str(shard) for shard in index["weight_map"].values()})
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        return f"{index_name} is damaged (expected a JSON object with a 'weight_map')"
+    for shard in shards:
+        path = folder / shard
+        if not path.is_file():
+            return f"{index_name} names {shard}, which is missing"
+        damage = _safetensors_damage(path) if path.suffix == ".safetensors" else _torch_file_damage(path)
+        if damage:
+            return damage
+    return ""
+
+
+def check_model_files(name_or_path: str) -> dict[str, str]:
+    """Problems of a local model folder, read without loading a weight: {part: one line}, {} when whole.
+
+    Parts are ``config`` (config.json does not parse), ``weights`` (none, or truncated/unreadable) and
+    ``tokenizer`` (no tokenizer file). Hub ids are not folders and give {}: the hub is checked on load.
+    """
+    folder = Path(name_or_path).expanduser()
+    if not folder.is_dir():
+        return {}
+    problems: dict[str, str] = {}
+    from transformers import AutoConfig
+
+    try:
+        json.loads((folder / "config.json").read_text(encoding="utf-8"))
+        AutoConfig.from_pretrained(str(folder))
+    except json.JSONDecodeError as exc:
+        problems["config"] = (
+            f"model folder {folder}: config.json is not valid JSON (line {exc.lineno} column {exc.colno}: "
+            f"{exc.msg}); save the model again with save_pretrained"
+        )
+    except Exception as exc:  # transformers raises many types for a bad config.json
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        problems["config"] = (
+            f"model folder {folder}: config.json does not load ({reason}); save the model again with "
+            "save_pretrained"
+        )
+    present = [name for name in _WEIGHT_FILES if (folder / name).is_file()]
+    if not present:
+        problems["weights"] = (
+            f"model folder {folder} holds no weights: expected model.safetensors (or a sharded "
+            "model.safetensors.index.json, or pytorch_model.bin); save the model into it with save_pretrained"
+        )
+    else:
+        name = present[0]
+        if name.endswith(".index.json"):
+            damage = _shard_damage(folder, name)
+        elif name.endswith(".safetensors"):
+            damage = _safetensors_damage(folder / name)
+        else:
+            damage = _torch_file_damage(folder / name)
+        if damage:
+            problems["weights"] = f"model folder {folder}: {damage}; copy or save the model again"
+    if not any((folder / name).is_file() for name in _TOKENIZER_FILES):
+        problems["tokenizer"] = (
+            f"model folder {folder} has no tokenizer: expected tokenizer.json or tokenizer.model; save the "
+            "model's tokenizer into it with tokenizer.save_pretrained"
+        )
+    return problems
 
 
 def load_tokenizer(name_or_path: str) -> Any:

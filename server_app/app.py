@@ -6,7 +6,6 @@ import logging
 import sys
 import time
 from collections import Counter
-from dataclasses import dataclass
 from typing import Any, NoReturn
 
 from flwr.app import ConfigRecord, Context
@@ -15,20 +14,16 @@ from flwr.serverapp import Grid, ServerApp
 from pollen import protocol as P
 from pollen.adapter import Adapter
 from pollen.codec import WireSpec
-from pollen.config import ConfigError, RunConfig, parse_run_config
+from pollen.config import ConfigError, RunConfig
 from pollen.model import (
     LoraHost,
-    check_model_available,
-    check_target_modules,
     load_base_model,
-    load_tokenizer,
 )
 from pollen.targets import TargetModulesError
-from server_app.artifacts import CHECKPOINT_DIR, RunFolder, check_run_folder_free, run_folder_path
+from server_app.artifacts import CHECKPOINT_DIR, RunFolder, run_folder_path
 from server_app.checkpoint import (
     Checkpoint,
     CheckpointError,
-    checkpoint_round,
     expected_keys,
     load_checkpoint,
     save_checkpoint,
@@ -36,14 +31,13 @@ from server_app.checkpoint import (
 from server_app.evaluation import Evaluator, load_global
 from server_app.failures import FederationError
 from server_app.nodes import NodeDirectory
+from server_app.preflight import Prepared, preflight
 from server_app.rounds import progress_line, run_round
 from strategies.base import LoraStrategy, StrategySettings
-from strategies.registry import STRATEGY_CLASSES, build_strategy
+from strategies.registry import build_strategy
 from strategies.sampling import wait_for_nodes as wait_for
-from tasks.checks import DataCheck, check_partitions, check_task_data
-from tasks.data import DataError, check_data_source
-from tasks.embedded import resolve_model_name
-from tasks.prompts import ALPACA, PromptFormat, PromptFormatError, resolve_prompt_format
+from tasks.checks import DataCheck, check_partitions
+from tasks.data import DataError, partition_sizes
 
 log = logging.getLogger("pollen")
 app = ServerApp()
@@ -57,78 +51,6 @@ def _setup_logging() -> None:
         log.addHandler(handler)
         log.setLevel(logging.INFO)
         log.propagate = False
-
-
-@dataclass(frozen=True)
-class Prepared:
-    """What the preflight checked and the run uses: config, model path, tokenizer, prompt format, data."""
-
-    cfg: RunConfig
-    model_path: str
-    tokenizer: Any
-    prompt: PromptFormat
-    data: DataCheck
-
-
-def preflight(run_config: dict[str, Any]) -> Prepared:
-    """Every check that can fail on user input, before anything is written or trained.
-
-    Raises ConfigError with one line per problem: configuration, model, prompt format, data files,
-    columns, lengths against train.max-seq-len, the metric, and the run folder.
-    """
-    cfg = parse_run_config(run_config)
-    problems: list[str] = check_strategy_ranks(cfg)
-    model_path, tokenizer, prompt = "", None, ALPACA
-    try:
-        model_path = resolve_model_name(cfg.model.name)
-        check_model_available(model_path)
-        tokenizer = load_tokenizer(model_path)
-        prompt = resolve_prompt_format(cfg.task.prompt_format, tokenizer)
-    except PromptFormatError as exc:
-        problems.append(str(exc))
-    except (OSError, ValueError) as exc:  # a missing model, or one whose tokenizer does not load
-        problems.append(str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
-    if tokenizer is not None:
-        try:  # on the architecture alone (no weights): the layer names the model has
-            check_target_modules(model_path, cfg.lora.target_modules)
-        except (TargetModulesError, OSError) as exc:
-            problems.append(str(exc))
-    data = DataCheck()
-    try:
-        check_data_source(cfg.task)
-    except DataError as exc:
-        problems.append(str(exc))
-    else:
-        if tokenizer is not None:
-            data = check_task_data(cfg.task, cfg.seed, tokenizer, cfg.train.max_seq_len, prompt)
-            problems.extend(data.problems)
-    run_dir = run_folder_path(cfg.output.dir, cfg.output.run_name)
-    try:
-        if not cfg.output.resume:
-            check_run_folder_free(run_dir)
-        elif checkpoint_round(run_dir / CHECKPOINT_DIR) is None:
-            problems.append(
-                f"output.resume=true but {run_dir} holds no checkpoint; start it with output.resume=false"
-            )
-    except (FileExistsError, CheckpointError) as exc:
-        problems.append(str(exc))
-    if problems:
-        raise ConfigError(problems)
-    return Prepared(cfg=cfg, model_path=model_path, tokenizer=tokenizer, prompt=prompt, data=data)
-
-
-def check_strategy_ranks(cfg: RunConfig) -> list[str]:
-    """A rank plan that mixes ranks needs a strategy that can aggregate mixed ranks."""
-    cls = STRATEGY_CLASSES[cfg.strategy.name]
-    ranks = set(cfg.strategy.rank_plan) | {cfg.lora.rank}
-    if cls.mixed_ranks or len(ranks) == 1:
-        return []
-    mixing = ", ".join(repr(n) for n, c in STRATEGY_CLASSES.items() if c.mixed_ranks)
-    return [
-        f"strategy.rank-plan={','.join(map(str, cfg.strategy.rank_plan))!r} mixes ranks (with lora.rank="
-        f"{cfg.lora.rank}), but strategy.name={cfg.strategy.name!r} needs one rank: use one of {mixing}, "
-        "or a plan of lora.rank only"
-    ]
 
 
 def train_config(cfg: RunConfig, server_round: int) -> ConfigRecord:
@@ -170,13 +92,20 @@ def evaluation_row(evaluate: Evaluator, global_adapter: Adapter, data: DataCheck
     return figures
 
 
-def check_data_split(cfg: RunConfig, nodes: NodeDirectory) -> None:
-    """Before round 1: the pool splits into partitions big enough for every admitted node; else stop."""
+def check_data_split(cfg: RunConfig, nodes: NodeDirectory) -> dict[int, list[int]]:
+    """Before round 1: the pool splits into partitions big enough for every admitted node; else stop.
+
+    Returns the partition sizes by partition count, so that no node can claim more examples than its
+    partition holds.
+    """
+    sizes: dict[int, list[int]] = {}
     try:
         for count in nodes.partition_counts():
             log.info(check_partitions(cfg.task, count, cfg.seed))
+            sizes[count] = partition_sizes(cfg.task, count, cfg.seed)
     except DataError as exc:
         _stop([str(exc)])
+    return sizes
 
 
 @app.main()
@@ -201,15 +130,15 @@ def main(grid: Grid, context: Context) -> None:
         _stop([str(exc)])
     evaluate = build_evaluator(prep, host)
     strategy = build_strategy(cfg.strategy.name, strategy_settings(cfg, host.fingerprint))
-    nodes = NodeDirectory(host.fingerprint, cfg.strategy.rank_plan, cfg.lora.rank)
+    nodes = NodeDirectory(host.fingerprint, cfg.strategy.rank_plan, cfg.lora.rank, cfg.strategy.max_rank)
     wait_for_nodes(grid, cfg.strategy.min_nodes, cfg.strategy.round_timeout)
     nodes.discover(grid, timeout=cfg.strategy.round_timeout)
     if not nodes.ranks:
         _stop([no_node_joined(nodes)], code=1, topic="federation")
-    check_data_split(cfg, nodes)
-    admit(strategy, nodes)
+    sizes = check_data_split(cfg, nodes)
+    admit(strategy, nodes, sizes)
 
-    meta = {"fingerprint": host.fingerprint, "strategy": cfg.strategy.name}
+    meta = {"fingerprint": host.fingerprint, "strategy": cfg.strategy.name, "lora_rank": cfg.lora.rank}
     host.activate(strategy.global_rank(sorted(set(strategy.node_ranks.values()))))
     global_adapter = strategy.initial_global(host.read())
     rows: list[dict[str, Any]] = []
@@ -232,7 +161,7 @@ def main(grid: Grid, context: Context) -> None:
         for server_round in range(len(rows) + 1, cfg.num_server_rounds + 1):
             started = time.perf_counter()
             if nodes.discover(grid, timeout=cfg.strategy.round_timeout):
-                admit(strategy, nodes)
+                admit(strategy, nodes, sizes)
             global_adapter, row = run_round(
                 grid,
                 strategy,
@@ -300,6 +229,9 @@ def strategy_settings(cfg: RunConfig, fingerprint: str) -> StrategySettings:
         norm_weighted=cfg.strategy.norm_weighted,
         ffa_lr_multiplier=cfg.strategy.ffa_lr_multiplier,
         downlink_feedback=cfg.wire.error_feedback,
+        uplink=WireSpec(bits=cfg.wire.uplink_bits, scheme=cfg.wire.scheme, block_size=cfg.wire.block_size),
+        max_update_ratio=cfg.strategy.max_update_ratio,
+        max_node_examples=cfg.strategy.max_node_examples,
     )
 
 
@@ -324,10 +256,16 @@ def resume(
     return checkpoint
 
 
-def admit(strategy: LoraStrategy, nodes: NodeDirectory) -> None:
-    """Tell the strategy which nodes it may sample, at which rank, in which (partition) order."""
+def admit(strategy: LoraStrategy, nodes: NodeDirectory, sizes: dict[int, list[int]]) -> None:
+    """Tell the strategy which nodes it may sample, at which rank, in which (partition) order, and how
+    many examples each pool partition holds (``sizes``: partition count -> sizes)."""
     strategy.node_ranks = eligible_ranks(strategy, nodes)
     strategy.node_keys = {node_id: info.partition_id for node_id, info in nodes.infos.items()}
+    strategy.partition_sizes = {
+        node_id: sizes[info.num_partitions][info.partition_id]
+        for node_id, info in nodes.infos.items()
+        if not info.own_data and info.num_partitions in sizes and info.partition_id < info.num_partitions
+    }
 
 
 def eligible_ranks(strategy: LoraStrategy, nodes: NodeDirectory) -> dict[int, int]:

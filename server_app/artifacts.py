@@ -15,6 +15,9 @@ from typing import Any
 
 import torch
 
+from pollen.config import RunConfig
+from server_app.checkpoint import STATE_FILE, CheckpointError, checkpoint_round, load_checkpoint
+
 METRICS_FILE = "metrics.jsonl"
 CONFIG_FILE = "run_config.json"
 ADAPTER_DIR = "adapter"
@@ -28,12 +31,127 @@ def run_folder_path(output_dir: str, run_name: str) -> Path:
     return Path(output_dir).expanduser() / name
 
 
+def check_output_dir(output_dir: str) -> str:
+    """'' when run folders can be made under ``output.dir`` (it or its nearest existing parent is a
+    writable folder); else the one-line reason. Nothing is created."""
+    path = Path(output_dir).expanduser()
+    existing = path
+    try:
+        while not existing.exists():  # where the missing folders would be created
+            existing = existing.parent
+        if existing == path and not path.is_dir():
+            return f"output.dir={output_dir!r} is a file, not a folder: name a folder (made when missing)"
+        if not existing.is_dir():
+            return (
+                f"output.dir={output_dir!r} cannot be made: {existing} is a file, not a folder; "
+                "name a folder path"
+            )
+    except OSError as exc:
+        return f"output.dir={output_dir!r} cannot be inspected ({exc.strerror or exc}); name another folder"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        where = "it" if existing == path else f"its parent {existing}"
+        return (
+            f"output.dir={output_dir!r} is not writable ({where} refuses this user); choose a folder you "
+            "can write to or change its permissions"
+        )
+    return ""
+
+
 def check_run_folder_free(path: Path) -> None:
     """A run never overwrites another: fail before training if the folder already holds one."""
+    if path.exists() and not path.is_dir():
+        raise FileExistsError(
+            f"output folder {path} is a file, not a folder; choose another output.run-name or remove it"
+        )
     if path.exists() and any(path.iterdir()):
         raise FileExistsError(
             f"output folder {path} already holds a run; choose another output.run-name or remove it"
         )
+
+
+def _recorded(run_dir: Path) -> dict[str, Any]:
+    """run_config.json of ``run_dir`` ({} when absent or unreadable: resuming does not need it)."""
+    try:
+        document = json.loads((run_dir / CONFIG_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return document if isinstance(document, dict) else {}
+
+
+def _same_model(name: str, path: str, then_name: Any, then_path: Any) -> bool:
+    """The same base model: the same model.name, or names resolving to the same folder."""
+    if name == then_name:
+        return True
+    try:
+        return isinstance(then_path, str) and Path(path).resolve() == Path(then_path).resolve()
+    except (OSError, RuntimeError):
+        return False
+
+
+def check_resume(run_dir: Path, cfg: RunConfig, model_path: str) -> list[str]:
+    """output.resume: ``run_dir`` holds a whole checkpoint, of a run with this lora.rank, strategy and model.
+
+    The checkpoint is read as the resume will read it (checksum, tensors); the base-model fingerprint
+    and the adapter's shapes are compared once the model is loaded (server_app.app.resume).
+    """
+    folder = run_dir / CHECKPOINT_DIR
+    state = folder / STATE_FILE
+    try:
+        if checkpoint_round(folder) is None:
+            return [
+                f"output.resume=true but {run_dir} holds no checkpoint; start it with output.resume=false"
+            ]
+        checkpoint = load_checkpoint(folder)
+    except CheckpointError as exc:
+        return [f"output.resume=true: {exc}"]
+    except (OverflowError, ValueError, TypeError, KeyError, AttributeError, OSError) as exc:
+        # anything server_app.checkpoint failed to turn into a CheckpointError still gives one line
+        return [f"output.resume=true: {state} is damaged ({exc}); restore it or remove the run folder"]
+    if checkpoint.round < 0:
+        return [f"output.resume=true: {state} is damaged (round={checkpoint.round}); restore it"]
+    if "lora_rank" not in checkpoint.meta:
+        return [
+            f"output.resume=true: {state} records no lora_rank (an older Pollen wrote it), so it cannot be "
+            "checked against this run; start a new run under another output.run-name"
+        ]
+    recorded = _recorded(run_dir)
+    then = recorded.get("run_config")
+    section = then.get("model") if isinstance(then, dict) else None
+    then_model = section.get("name") if isinstance(section, dict) else None
+    if then_model is not None and _same_model(
+        cfg.model.name, model_path, then_model, recorded.get("base_model_path")
+    ):
+        then_model = cfg.model.name  # e.g. a relative and an absolute path to one folder
+    compared = (
+        ("lora.rank", cfg.lora.rank, checkpoint.meta["lora_rank"]),
+        ("strategy.name", cfg.strategy.name, checkpoint.meta.get("strategy")),
+        ("model.name", cfg.model.name, then_model),
+    )
+    return [
+        f"output.resume=true: {key}={now!r}, but the run in {run_dir} was made with {key}={was!r}; "
+        f"resume with {key}={was!r}, or start a new run under another output.run-name"
+        for key, now, was in compared
+        if was is not None and now != was
+    ]
+
+
+def check_output(cfg: RunConfig, model_path: str) -> list[str]:
+    """output.dir can hold run folders; a new run's folder is free, a resumed run's checkpoint fits."""
+    problem = check_output_dir(cfg.output.dir)
+    if problem:
+        return [problem]
+    run_dir = run_folder_path(cfg.output.dir, cfg.output.run_name)
+    if cfg.output.resume:
+        return check_resume(run_dir, cfg, model_path)
+    try:
+        check_run_folder_free(run_dir)
+    except FileExistsError as exc:
+        return [str(exc)]
+    except OSError as exc:
+        return [
+            f"output folder {run_dir} cannot be read ({exc.strerror or exc}); choose another output.run-name"
+        ]
+    return []
 
 
 def write_atomic(path: Path, data: bytes) -> None:

@@ -157,9 +157,19 @@ def checkpoint_round(folder: Path) -> int | None:
     if not path.is_file():
         return None
     try:
-        return int(json.loads(path.read_text(encoding="utf-8"))["round"])
+        document = json.loads(path.read_text(encoding="utf-8"))
+        return _round_of(document["round"], path)
+    except CheckpointError:
+        raise
     except (ValueError, KeyError, TypeError) as exc:
         raise CheckpointError(f"{path} is damaged ({exc}); remove the folder or restore it") from exc
+
+
+def _round_of(value: Any, path: Path) -> int:
+    """A checkpoint's round: a whole number >= 0 (JSON may hold 1e400, 2.5 or a string there)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise CheckpointError(f"{path} records round {str(value)[:40]}; expected a whole number >= 0")
+    return value
 
 
 def _read_document(folder: Path) -> dict[str, Any]:
@@ -251,6 +261,8 @@ def load_checkpoint(
     if not isinstance(order, list) or sorted(order) != sorted(loaded):
         raise CheckpointError(f"{folder / STATE_FILE}: its module list does not match {tensor_path.name}")
     adapter = {module: loaded[module] for module in order}
+    if not isinstance(document["meta"], dict) or not isinstance(document["metrics"], list):
+        raise CheckpointError(f"{folder / STATE_FILE}: its meta or metrics entry is damaged")
     meta = dict(document["meta"])
     for key, wanted in (require or {}).items():
         if meta.get(key) != wanted:
@@ -259,7 +271,7 @@ def load_checkpoint(
                 "resume with the configuration of the original run"
             )
     return Checkpoint(
-        round=int(document["round"]),
+        round=_round_of(document["round"], folder / STATE_FILE),
         adapter=adapter,
         strategy_state=strategy_state,
         metrics=list(document["metrics"]),

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
@@ -16,6 +17,7 @@ from flwr.serverapp import Grid
 from pollen import protocol as P
 
 log = logging.getLogger("pollen")
+MAX_PARTITIONS = 1_000_000  # a partition id or count beyond this is not a real federation
 
 
 @dataclass(frozen=True)
@@ -39,26 +41,42 @@ def assign_rank(info: NodeInfo, rank_plan: Sequence[int], default_rank: int) -> 
     return default_rank
 
 
-def parse_info(node_id: int, reply: Message) -> NodeInfo:
-    """A handshake reply as NodeInfo; ValueError when it is malformed or an error."""
+def _whole(meta: Any, key: str, low: int, high: int) -> int:
+    """``meta[key]`` as an integer from ``low`` to ``high``; ValueError naming the key otherwise.
+
+    Only a real integer passes: a string "16" or a float 8.7 (which ``int()`` would turn into 8) is refused.
+    """
+    value = meta[key]
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise ValueError(f"handshake {key}={str(value)[:40]} is not an integer from {low} to {high}")
+    return value
+
+
+def parse_info(node_id: int, reply: Message, max_rank: int = 4096) -> NodeInfo:
+    """A handshake reply as NodeInfo; ValueError when it is malformed, an error, or out of bounds.
+
+    A node's rank sets how much the server allocates, so it must be at most ``max_rank``
+    (strategy.max-rank); 0 asks the server to choose.
+    """
     if reply.has_error():
         raise ValueError(f"handshake failed: {P.error_line(reply.error.reason)}")
     meta = reply.content.config_records.get(P.META)
     if meta is None:
         raise ValueError("handshake reply has no meta record")
     try:
+        num_partitions = _whole(meta, P.NUM_PARTITIONS, 1, MAX_PARTITIONS) if P.NUM_PARTITIONS in meta else 1
         return NodeInfo(
             node_id=node_id,
-            partition_id=int(meta[P.PARTITION_ID]),  # type: ignore[arg-type]
-            requested_rank=int(meta[P.RANK]),  # type: ignore[arg-type]
-            fingerprint=str(meta[P.FINGERPRINT]),
-            quantization=str(meta[P.QUANTIZATION]),
-            device=str(meta[P.DEVICE]),
-            num_partitions=int(meta.get(P.NUM_PARTITIONS, 1)),  # type: ignore[arg-type]
-            own_data=bool(meta.get(P.OWN_DATA, False)),
+            partition_id=_whole(meta, P.PARTITION_ID, 0, MAX_PARTITIONS - 1),
+            requested_rank=_whole(meta, P.RANK, 0, max_rank),
+            fingerprint=str(meta[P.FINGERPRINT])[:200],
+            quantization=str(meta[P.QUANTIZATION])[:40],
+            device=str(meta[P.DEVICE])[:40],
+            num_partitions=num_partitions,
+            own_data=meta.get(P.OWN_DATA, False) is True,
         )
-    except (KeyError, TypeError, ValueError) as exc:
-        raise ValueError(f"handshake reply is malformed: {exc}") from exc
+    except KeyError as exc:
+        raise ValueError(f"handshake reply is malformed: it has no {exc}") from exc
 
 
 @dataclass
@@ -68,6 +86,7 @@ class NodeDirectory:
     fingerprint: str
     rank_plan: tuple[int, ...]
     default_rank: int
+    max_rank: int = 4096  # strategy.max-rank: a handshake asking for more is refused
     ranks: dict[int, int] = field(default_factory=dict)
     infos: dict[int, NodeInfo] = field(default_factory=dict)
     refused: dict[int, str] = field(default_factory=dict)
@@ -91,7 +110,7 @@ class NodeDirectory:
             node_id = reply.metadata.src_node_id
             answered.add(node_id)
             try:
-                info = parse_info(node_id, reply)
+                info = parse_info(node_id, reply, self.max_rank)
             except ValueError as exc:
                 self._refuse(node_id, str(exc))
                 continue

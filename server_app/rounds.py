@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Collection
 from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
@@ -12,12 +13,13 @@ from flwr.serverapp import Grid
 
 from pollen import protocol as P
 from pollen.adapter import Adapter
-from pollen.codec import CodecError, WireSpec, decode, encode, serialized_nbytes
+from pollen.codec import CodecError, describe, fp32_sized, serialized_nbytes
 from server_app.failures import FederationError, round_failure
 from strategies.base import LoraStrategy
 
 log = logging.getLogger("pollen")
-FP32 = WireSpec(bits=32)
+# Byte accounting never builds a float32 twin larger than this (a real adapter is far smaller).
+MAX_FP32_NUMEL = 2**28
 
 
 def _bytes(messages: list[Message]) -> int:
@@ -25,22 +27,30 @@ def _bytes(messages: list[Message]) -> int:
     return sum(serialized_nbytes(m.content) for m in messages if not m.has_error())
 
 
-def _bytes_fp32(messages: list[Message]) -> int:
+def _bytes_fp32(messages: list[Message], from_nodes: Collection[int] | None = None) -> int:
     """What the same messages would weigh with their adapter payload sent as plain float32.
 
-    Each payload is decoded and re-encoded at 32 bits, so the figure is measured on a real record
-    of the same tensors, never estimated. Undecodable payloads count as sent.
+    Each payload's layout (names and shapes, read without decoding) is re-encoded at 32 bits, so the
+    figure is measured on a real record of the same tensors, never estimated, and no payload is decoded
+    for it. Replies count with a float32 twin only when ``from_nodes`` holds their sender (the replies
+    the strategy accepted, whose layout it checked); any other reply, and an unreadable or oversized
+    payload, counts as sent.
     """
     total = 0
     for message in messages:
         if message.has_error():
+            continue
+        if from_nodes is not None and message.metadata.src_node_id not in from_nodes:
+            total += serialized_nbytes(message.content)
             continue
         content = message.content
         records = {}
         for name, record in content.items():
             if name in (P.ADAPTER, P.DELTA) and isinstance(record, ArrayRecord):
                 try:
-                    record = encode(decode(record), FP32)
+                    layout = describe(record)
+                    if layout.numel <= MAX_FP32_NUMEL:
+                        record = fp32_sized(layout)
                 except CodecError:
                     pass
             records[name] = record
@@ -62,9 +72,9 @@ def run_round(
     downlink, downlink_fp32 = _bytes(messages), _bytes_fp32(messages)
     replies = list(grid.send_and_receive(messages, timeout=timeout))
     _stop_if_broken("train", server_round, len(messages), replies)
-    uplink, uplink_fp32 = _bytes(replies), _bytes_fp32(replies)
     new_adapter, train_metrics = strategy.aggregate(server_round, replies)
     report = strategy.report
+    uplink, uplink_fp32 = _bytes(replies), _bytes_fp32(replies, report.accepted_nodes)
     if new_adapter is None:
         log.warning(
             "round %d: no usable update (%d rejected); the global adapter is unchanged",
@@ -95,7 +105,7 @@ def run_round(
         eval_replies = list(grid.send_and_receive(eval_messages, timeout=timeout))
         _stop_if_broken("evaluate", server_round, len(eval_messages), eval_replies)
         row["uplink_bytes"] += _bytes(eval_replies)
-        row["uplink_bytes_fp32"] += _bytes_fp32(eval_replies)
+        row["uplink_bytes_fp32"] += _bytes(eval_replies)  # evaluation replies carry no adapter
         federated = strategy.aggregate_evaluate(server_round, eval_replies)
         row["federated_eval_loss"] = _metric(federated, P.EVAL_LOSS)
     return new_adapter, row

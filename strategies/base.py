@@ -27,7 +27,11 @@ from strategies.math.projection import project_to_ranks
 from strategies.replies import (
     REJECTED,
     NodeUpdate,
+    ReplyRules,
     accept_train_reply,
+    cap_weight,
+    evaluation_problem,
+    is_finite,
     outliers,
     weighted_metrics,
 )
@@ -54,6 +58,9 @@ class StrategySettings:
     downlink_feedback: bool = True  # quantized downlink sends changes since the node's last adapter
     norm_weighted: bool = False  # zeropad: weight each node also by the norm of its trained module (HetLoRA)
     ffa_lr_multiplier: float = 1.0  # ffa: factor on the learning rate nodes train B with
+    uplink: WireSpec = WireSpec(bits=32)  # the wire spec every train reply must use
+    max_update_ratio: float = 25.0  # reject a delta whose norm is over this times the adapter sent
+    max_node_examples: int = 1_000_000  # the most examples one update (or evaluation) counts for
 
 
 @dataclass
@@ -62,6 +69,7 @@ class RoundReport:
 
     accepted: int = 0
     rejected: list[str] = field(default_factory=list)  # one reason per rejected reply
+    accepted_nodes: list[int] = field(default_factory=list)  # senders of the accepted replies
 
 
 class LoraStrategy(Strategy):
@@ -84,6 +92,7 @@ class LoraStrategy(Strategy):
         self.report = RoundReport()
         self.node_ranks: dict[int, int] = {}
         self.node_keys: dict[int, int] = {}
+        self.partition_sizes: dict[int, int] = {}  # node id -> examples its pool partition holds
         self._global: Adapter | None = None
         self._sent: dict[int, Adapter] = {}  # node id -> adapter it was sent, as it decodes it
         # Downlink views: node id -> the adapter the node holds; committed when the node replies.
@@ -163,20 +172,30 @@ class LoraStrategy(Strategy):
                 else:
                     self._views[node] = self._pending_views[node]
             try:
-                updates.append(
-                    accept_train_reply(reply, self._sent, self.settings.fingerprint, self.trains_a)
-                )
+                update = accept_train_reply(reply, self._sent, self._rules())
             except REJECTED as exc:
                 self._reject(server_round, f"node {node}: {exc}")
                 continue
+            update, note = cap_weight(update, self.settings.max_node_examples)
+            if note is not None:
+                log.warning("round %d: %s", server_round, note)
+            updates.append(update)
             metrics.append(reply.content.metric_records[P.METRICS])
         for index, reason in reversed(outliers(updates)):
             self._reject(server_round, f"node {updates[index].node_id}: {reason}")
             del updates[index], metrics[index]
         self.report.accepted = len(updates)
+        self.report.accepted_nodes = [u.node_id for u in updates]
         if not updates:
             return None, None
         new_global = self.combine(self._global, updates)
+        broken = next((m for m, p in new_global.items() if not is_finite(p)), None)
+        if broken is not None:  # never produce (or checkpoint) a non-finite global adapter
+            self._reject(
+                server_round, f"all {len(updates)} accepted updates: the aggregate of {broken} is not finite"
+            )
+            self.report.accepted, self.report.accepted_nodes = 0, []
+            return None, None
         return new_global, weighted_metrics(metrics, [u.weight for u in updates])
 
     def evaluate_messages(
@@ -251,17 +270,35 @@ class LoraStrategy(Strategy):
                 )
                 continue
             record = reply.content.metric_records.get(P.METRICS)
-            weight = record.get(P.NUM_EXAMPLES, 0) if record is not None else 0
-            if record is None or not isinstance(weight, (int, float)) or weight <= 0:
+            problem = evaluation_problem(record, self.settings.max_node_examples)
+            if record is None or problem is not None:
+                if problem:  # "" = it scored no example: nothing to count, nothing wrong
+                    log.warning(
+                        "round %d: left out the evaluation of node %d: %s",
+                        server_round,
+                        reply.metadata.src_node_id,
+                        problem,
+                    )
                 continue
             records.append(record)
-            weights.append(float(weight))
+            weights.append(float(P.config_number(record, P.NUM_EXAMPLES)))
         return weighted_metrics(records, weights) if records else None
 
     # ---- helpers ------------------------------------------------------------------------------
     def rank_of(self, node_id: int) -> int:
         """The rank ``node_id`` trains (from its handshake; the default rank if it made none)."""
         return self.node_ranks.get(node_id, self.settings.global_rank)
+
+    def _rules(self) -> ReplyRules:
+        s = self.settings
+        return ReplyRules(
+            fingerprint=s.fingerprint,
+            trains_a=self.trains_a,
+            uplink=s.uplink,
+            max_update_ratio=s.max_update_ratio,
+            max_examples=s.max_node_examples,
+            partition_sizes=self.partition_sizes,
+        )
 
     def _reject(self, server_round: int, reason: str) -> None:
         self.report.rejected.append(reason)

@@ -8,6 +8,7 @@ the same seed, so no example the server evaluates on is ever trained on.
 
 from __future__ import annotations
 
+import json
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -42,8 +43,7 @@ def local_format(path: str, key: str = "task.data-path") -> str:
     suffix = Path(path).suffix.lower()
     if suffix not in LOCAL_FORMATS:
         raise DataError(
-            f"{key}={path!r} has extension {suffix or '(none)'!r}: expected one of "
-            f"{', '.join(LOCAL_FORMATS)}"
+            f"{key}={path!r} has extension {suffix or '(none)'!r}: expected one of {', '.join(LOCAL_FORMATS)}"
         )
     return LOCAL_FORMATS[suffix]
 
@@ -89,13 +89,18 @@ def normalise_columns(dataset: Any, source: str) -> Any:
         feature = dataset.features[column]
         if feature == Value("string"):
             continue
-        if not isinstance(feature, Value):
-            example = next((v for v in dataset[column] if v is not None), None)
+        if isinstance(feature, Value):
+            dataset = dataset.cast_column(column, Value("string"))
+            continue
+        # lists, objects, or a JSON column mixing them with text and numbers
+        values = dataset[column]
+        row = next((i for i, v in enumerate(values) if not isinstance(v, _SCALARS)), None)
+        if row is not None:
             raise DataError(
-                f"{source}: column {column!r} holds {type(example).__name__} values such as "
-                f"{str(example)[:40]!r}; expected text (or numbers) in every row"
+                f"{source}: column {column!r} holds a {type(values[row]).__name__} in row {row + 1} "
+                f"({str(values[row])[:40]!r}); expected text (or a number) in every row: write it as a string"
             )
-        dataset = dataset.cast_column(column, Value("string"))
+        dataset = dataset.remove_columns(column).add_column(column, [_as_text(v) for v in values])
 
     def _fill_missing(example: dict[str, Any]) -> dict[str, str]:
         return {k: example[k] or "" for k in ("instruction", "input", "output")}
@@ -106,11 +111,81 @@ def normalise_columns(dataset: Any, source: str) -> Any:
     return dataset
 
 
+_SCALARS = (str, int, float, bool, type(None))
+
+
+def _as_text(value: Any) -> str:
+    """A scalar of a mixed JSON column as text, the way Arrow casts a number or boolean column."""
+    return value if isinstance(value, str) else "" if value is None else json.dumps(value)
+
+
 def _quiet_datasets() -> None:
     """Per-call progress bars of `datasets` would drown the per-round progress lines."""
     from datasets.utils.logging import disable_progress_bar
 
     disable_progress_bar()
+
+
+def _blank(path: str) -> bool:
+    """True when the file holds only whitespace (read until its first other character)."""
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            if block.strip():
+                return False
+    return True
+
+
+def _innermost(exc: BaseException) -> str:
+    """The first line of the deepest cause: `datasets` wraps the reader's own message."""
+    reason = ""
+    seen: BaseException | None = exc
+    while seen is not None:
+        text = str(seen).strip()
+        reason = text.splitlines()[0] if text else reason or type(seen).__name__
+        seen = seen.__cause__ or seen.__context__
+    return reason
+
+
+def _json_lines_problem(text: str) -> str:
+    """The first line of a JSON Lines text that does not parse or is not an object, or ''."""
+    offset = 0
+    for number, line in enumerate(text.splitlines(keepends=True), 1):
+        if line.strip():
+            try:
+                item = json.loads(line.rstrip("\r\n"))
+            except json.JSONDecodeError as exc:
+                where = json.JSONDecodeError(exc.msg, text, offset + exc.pos)
+                return f"is not valid JSON: line {where.lineno} column {where.colno}: {exc.msg}"
+            if not isinstance(item, dict):
+                return f"holds a {type(item).__name__} on line {number}; expected one object per line"
+        offset += len(line)
+    return ""
+
+
+def _json_problem(path: str) -> str:
+    """Where a JSON or JSON Lines file that `datasets` refused goes wrong (line and column), or ''."""
+    try:
+        data = Path(path).read_bytes()
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        return f"is not UTF-8 text (line {line}, byte {exc.start} of the file): save it as UTF-8"
+    except OSError:
+        return ""
+    try:
+        document = json.loads(text)
+    except json.JSONDecodeError as exc:
+        if text.lstrip().startswith("["):  # one JSON document
+            return f"is not valid JSON: line {exc.lineno} column {exc.colno}: {exc.msg}"
+        return _json_lines_problem(text)
+    if isinstance(document, list):
+        bad = next((i for i, item in enumerate(document) if not isinstance(item, dict)), None)
+        if bad is None:
+            return "holds no examples" if not document else ""
+        return f"holds a {type(document[bad]).__name__} as item {bad + 1}; expected one object per example"
+    if not isinstance(document, dict):
+        return f"holds a JSON {type(document).__name__}; expected a list of objects or one object per line"
+    return ""
 
 
 def load_file(path: str, key: str = "task.data-path") -> Any:
@@ -123,16 +198,22 @@ def load_file(path: str, key: str = "task.data-path") -> Any:
     resolved = str(Path(path).expanduser())
     if not Path(resolved).is_file():
         raise DataError(f"{key}={path!r} does not exist or is not a file")
-    if Path(resolved).stat().st_size == 0:
+    if Path(resolved).stat().st_size == 0 or (builder == "json" and _blank(resolved)):
         raise DataError(f"{key}={path!r} is an empty file; expected Alpaca-style examples")
     try:
         dataset = load_dataset(builder, data_files=resolved, split="train")
     except Exception as exc:  # datasets raises many types for unreadable files
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise DataError(f"{key}={path!r} could not be read as {builder}: {reason}") from exc
+        where = _json_problem(resolved) if builder == "json" else ""
+        if where:
+            raise DataError(f"{key}={path!r} {where}") from exc
+        raise DataError(f"{key}={path!r} could not be read as {builder}: {_innermost(exc)}") from exc
     if len(dataset) == 0:
         raise DataError(f"{key}={path!r} holds no examples")
-    return normalise_columns(dataset, f"{key}={path!r}")
+    try:
+        return normalise_columns(dataset, f"{key}={path!r}")
+    except UnicodeDecodeError:  # the JSON reader keeps bytes that are not UTF-8 until they are read
+        where = _json_problem(resolved) or "is not UTF-8 text: save it as UTF-8"
+        raise DataError(f"{key}={path!r} {where}") from None
 
 
 def load_hub(name: str) -> Any:
@@ -160,7 +241,13 @@ def _split(task: TaskConfig, seed: int) -> tuple[Any, Any]:
     elif task.name == "synthetic":
         from tasks.synthetic import synthetic_splits
 
-        return synthetic_splits(task.num_train, 0 if task.eval_path else task.num_eval, seed)
+        try:
+            return synthetic_splits(task.num_train, 0 if task.eval_path else task.num_eval, seed)
+        except ValueError as exc:  # more distinct held-out problems than a skill has
+            raise DataError(
+                f"task.num-eval={task.num_eval} is more than the synthetic task can hold out ({exc}); "
+                "lower task.num-eval"
+            ) from None
     else:
         dataset = load_hub(task.name).shuffle(seed=seed)
     if task.eval_path:  # the held-out set is its own file: the whole dataset trains

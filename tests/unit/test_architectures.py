@@ -215,7 +215,7 @@ def test_pollen_check_names_the_models_layers_for_a_wrong_target(
 def test_server_preflight_names_the_models_layers_before_anything_is_written(
     run_config: dict[str, Any], tmp_path: Path
 ) -> None:
-    from server_app.app import preflight
+    from server_app.preflight import preflight
 
     config = {**run_config, "lora.target-modules": "c_attn,q_proj", "output.dir": str(tmp_path / "out")}
     with pytest.raises(ConfigError) as error:

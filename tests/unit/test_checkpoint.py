@@ -140,3 +140,14 @@ def test_values_json_cannot_hold_are_refused_before_writing(tmp_path: Path) -> N
     with pytest.raises(CheckpointError, match="strategy_state.ids is a set"):
         save_checkpoint(tmp_path, odd)
     assert checkpoint_round(tmp_path) is None
+
+
+@pytest.mark.parametrize("value", ["1e400", "2.5", '"3"', "-1", "true"])
+def test_a_round_that_is_not_a_whole_number_is_refused_in_one_line(tmp_path: Path, value: str) -> None:
+    save_checkpoint(tmp_path, _checkpoint())
+    state = tmp_path / ck.STATE_FILE
+    state.write_text(state.read_text().replace('"round": 2', f'"round": {value}'))
+    with pytest.raises(CheckpointError, match="round|damaged"):
+        checkpoint_round(tmp_path)
+    with pytest.raises(CheckpointError, match="round|damaged"):
+        load_checkpoint(tmp_path)

@@ -117,3 +117,77 @@ def test_node_config_defaults_and_overrides() -> None:
 def test_bad_node_config(node_config: dict[str, Any], fragment: str) -> None:
     with pytest.raises(ConfigError, match=re.escape(fragment)):
         parse_node_config(node_config)
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "accepted"),
+    [
+        ("lora.alpha", float("inf"), "a number > 0"),
+        ("lora.alpha", float("nan"), "a number > 0"),
+        ("strategy.round-timeout", float("inf"), "a number of seconds > 0"),
+        ("strategy.max-update-ratio", float("-inf"), "a number above 0, up to 1e6"),
+    ],
+)
+def test_every_float_must_be_finite(
+    run_config: dict[str, Any], key: str, value: float, accepted: str
+) -> None:
+    run_config[key] = value
+    with pytest.raises(ConfigError) as info:
+        parse_run_config(run_config)
+    assert info.value.problems == [f"{key}={value!r} is not valid: expected {accepted}, not inf or nan"]
+
+
+@pytest.mark.parametrize(("uplink", "downlink"), [(4, 32), (4, 8), (16, 4)])
+def test_nf4_needs_4_bits_in_both_directions(run_config: dict[str, Any], uplink: int, downlink: int) -> None:
+    """The codec refuses nf4 at any other width, and wire.scheme applies to uplink and downlink alike."""
+    run_config.update({"wire.scheme": "nf4", "wire.uplink-bits": uplink, "wire.downlink-bits": downlink})
+    with pytest.raises(ConfigError) as info:
+        parse_run_config(run_config)
+    ((key, bits),) = [
+        (k, b) for k, b in (("wire.uplink-bits", uplink), ("wire.downlink-bits", downlink)) if b != 4
+    ]
+    assert info.value.problems == [
+        f"{key}={bits} does not fit wire.scheme='nf4': NF4 codes 4-bit payloads only, and the scheme applies "
+        f"to both directions; set {key}=4 or use wire.scheme='absmax'"
+    ]
+
+
+def test_every_wire_combination_that_parses_builds_its_wire_spec(run_config: dict[str, Any]) -> None:
+    from pollen.codec import WireSpec
+
+    for scheme in ("absmax", "nf4"):
+        for uplink in (32, 16, 8, 4):
+            for downlink in (32, 16, 8, 4):
+                run_config.update(
+                    {"wire.scheme": scheme, "wire.uplink-bits": uplink, "wire.downlink-bits": downlink}
+                )
+                try:
+                    wire = parse_run_config(run_config).wire
+                except ConfigError:
+                    continue
+                for bits in (wire.uplink_bits, wire.downlink_bits):
+                    WireSpec(bits=bits, scheme=wire.scheme, block_size=wire.block_size)
+
+
+@pytest.mark.parametrize("name", ["runs/r1", "..\\r1", ".", "x" * 101, "new\nline", "bell\x07"])
+def test_run_name_must_be_a_plain_folder_name(run_config: dict[str, Any], name: str) -> None:
+    run_config["output.run-name"] = name
+    with pytest.raises(ConfigError) as info:
+        parse_run_config(run_config)
+    (line,) = info.value.problems
+    assert line.startswith(f"output.run-name={name!r} is not valid: expected a plain folder name")
+    assert "at most 100 characters" in line and "\n" not in line
+
+
+def test_a_long_plain_run_name_is_accepted(run_config: dict[str, Any]) -> None:
+    run_config["output.run-name"] = "qlora-smollm2 r16 (seed 3)" + "x" * 74
+    assert len(parse_run_config(run_config).output.run_name) == 100
+
+
+def test_num_train_is_bounded(run_config: dict[str, Any]) -> None:
+    run_config["task.num-train"] = 10**8
+    with pytest.raises(ConfigError) as info:
+        parse_run_config(run_config)
+    assert info.value.problems == [
+        "task.num-train=100000000 is not valid: expected an integer from 10 to 1000000"
+    ]

@@ -112,3 +112,98 @@ def test_node_file_replaces_the_partition(tmp_path: Path) -> None:
     path = _write(tmp_path, "parquet")
     train, local_eval = node_data(_task(), 0, 10, seed=0, data_path=str(path))
     assert len(train) + len(local_eval) == len(ROWS)
+
+
+def _rows(**at_row_3: object) -> list[dict[str, object]]:
+    rows: list[dict[str, object]] = [{"instruction": f"q{i}", "output": f"a{i}"} for i in range(20)]
+    rows[3] = {**rows[3], **at_row_3}
+    return rows
+
+
+@pytest.mark.parametrize(
+    ("column", "value", "kind"),
+    [("instruction", {"text": "q"}, "dict"), ("input", ["a", "b"], "list"), ("output", {"label": 1}, "dict")],
+)
+@pytest.mark.parametrize("suffix", [".json", ".jsonl"])
+def test_a_nested_value_names_its_column_and_row(
+    tmp_path: Path, column: str, value: object, kind: str, suffix: str
+) -> None:
+    path = tmp_path / f"nested{suffix}"
+    rows = _rows(**{column: value})
+    path.write_text(json.dumps(rows) if suffix == ".json" else "\n".join(json.dumps(r) for r in rows))
+    with pytest.raises(DataError) as error:
+        load_file(str(path))
+    assert str(error.value) == (
+        f"task.data-path={str(path)!r}: column {column!r} holds a {kind} in row 4 ({str(value)[:40]!r}); "
+        "expected text (or a number) in every row: write it as a string"
+    )
+
+
+def test_numbers_mixed_with_text_become_text(tmp_path: Path) -> None:
+    path = tmp_path / "mixed.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in _rows(output=7, instruction=True)))
+    dataset = load_file(str(path))
+    row = dataset[3]
+    assert (row["instruction"], row["output"]) == ("true", "7") and dataset[0]["output"] == "a0"
+
+
+@pytest.mark.parametrize(
+    ("suffix", "text", "where"),
+    [
+        (
+            ".json",
+            '[{"instruction": "a", "output": "b"},\n {"instruction": "c" "output": "d"}]',
+            "line 2 column 22",
+        ),
+        (
+            ".jsonl",
+            '{"instruction": "a", "output": "b"}\n{"instruction": "c", "output": "d"\n',
+            "line 2 column 35",
+        ),
+        (
+            ".jsonl",
+            '{"instruction": "a", "output": "b"}\n\n{"instruction": "c", output: "d"}\n',
+            "line 3 column 22",
+        ),
+    ],
+)
+def test_bad_json_names_line_and_column(tmp_path: Path, suffix: str, text: str, where: str) -> None:
+    path = tmp_path / f"broken{suffix}"
+    path.write_text(text)
+    with pytest.raises(DataError) as error:
+        load_file(str(path))
+    (line,) = str(error.value).splitlines()
+    assert line.startswith(f"task.data-path={str(path)!r} is not valid JSON: {where}: ")
+
+
+@pytest.mark.parametrize(
+    ("name", "data", "reason"),
+    [
+        ("blank.jsonl", b"\n \n", "is an empty file; expected Alpaca-style examples"),
+        ("none.json", b"[]", "holds no examples"),
+        ("scalar.json", b"42", "holds a JSON int; expected a list of objects or one object per line"),
+        (
+            "lists.jsonl",
+            b'{"instruction": "a", "output": "b"}\n[1, 2]\n',
+            "holds a list on line 2; expected one object per line",
+        ),
+        (
+            "latin1.jsonl",
+            b'{"instruction": "caf\xe9", "output": "b"}\n',
+            "is not UTF-8 text (line 1, byte 20 of the file): save it as UTF-8",
+        ),
+    ],
+)
+def test_unusable_json_files_say_why(tmp_path: Path, name: str, data: bytes, reason: str) -> None:
+    path = tmp_path / name
+    path.write_bytes(data)
+    with pytest.raises(DataError) as error:
+        load_file(str(path))
+    assert str(error.value) == f"task.data-path={str(path)!r} {reason}"
+
+
+def test_more_synthetic_held_out_examples_than_exist(tmp_path: Path) -> None:
+    with pytest.raises(DataError) as error:
+        held_out(_task(num_train=10, num_eval=5000), seed=0)
+    assert str(error.value).startswith("task.num-eval=5000 is more than the synthetic task can hold out (")
+    assert str(error.value).endswith("); lower task.num-eval")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -94,4 +95,29 @@ def test_quantization_needs_working_bitsandbytes(
     assert main(["--model", str(tiny_model_dir), "--quantization", "4bit"]) == 1
     assert _last_line(capsys) == (
         "UNUSABLE: --quantization 4bit needs bitsandbytes: bitsandbytes cannot be imported"
+    )
+
+
+def test_a_model_folder_without_weights_is_one_line(
+    tiny_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    folder = Path(shutil.copytree(tiny_model_dir, tmp_path / "model"))
+    (folder / "model.safetensors").unlink()
+    assert main(["--model", str(folder), *QUICK]) == 1
+    assert _last_line(capsys) == (
+        f"UNUSABLE: model folder {folder} holds no weights: expected model.safetensors (or a sharded "
+        "model.safetensors.index.json, or pytorch_model.bin); save the model into it with save_pretrained"
+    )
+
+
+def test_a_nested_value_in_the_data_is_one_line(
+    tiny_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = tmp_path / "ours.jsonl"
+    rows = [{"instruction": f"q{i}", "output": ["a", str(i)] if i == 2 else f"a{i}"} for i in range(7)]
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    assert main(["--model", str(tiny_model_dir), "--data-path", str(data), *QUICK]) == 1
+    assert _last_line(capsys) == (
+        f"UNUSABLE: --data-path={str(data)!r}: column 'output' holds a list in row 3 (\"['a', '2']\"); "
+        "expected text (or a number) in every row: write it as a string"
     )

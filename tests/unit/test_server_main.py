@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, cast
@@ -18,6 +19,8 @@ from flwr.app import Context, Message, RecordDict
 from flwr.serverapp import Grid
 
 from client_app.app import app as client_app
+from pollen import protocol as P
+from pollen.codec import WireSpec, decode, encode
 from server_app.app import main
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
@@ -223,3 +226,72 @@ def test_a_resumed_run_restarts_node_state_cleanly(run_config: dict[str, Any], t
         json.loads(line) for line in (tmp_path / "out" / "broken" / "metrics.jsonl").read_text().splitlines()
     ]
     assert rows[-1]["nodes_accepted"] == 2 and rows[-1]["nodes_rejected"] == 0
+
+
+class _HostileGrid(InProcessGrid):
+    """Node 12 answers every train message with finite but huge values, encoded at the run's wire spec."""
+
+    def __init__(self, run_config: dict[str, Any], node_configs: dict[int, dict[str, Any]], value: float):
+        super().__init__(run_config, node_configs)
+        self.value = value
+        self.spec = WireSpec(
+            bits=run_config["wire.uplink-bits"],
+            scheme=run_config["wire.scheme"],
+            block_size=run_config["wire.block-size"],
+        )
+
+    def send_and_receive(
+        self, messages: Iterable[Message], timeout: float | None = None
+    ) -> Iterator[Message]:
+        for reply in super().send_and_receive(messages, timeout):
+            if (
+                reply.metadata.src_node_id == 12
+                and not reply.has_error()
+                and P.DELTA in reply.content.array_records
+            ):
+                honest = decode(reply.content.array_records[P.DELTA])
+                huge = {name: torch.full_like(t, self.value) for name, t in honest.items()}
+                reply.content[P.DELTA] = encode(huge, self.spec)
+            yield reply
+
+
+@pytest.mark.parametrize(
+    ("strategy", "value"),
+    [
+        ("fedavg", 1e30),
+        ("zeropad", 1e30),
+        ("flora", 1e30),
+        ("flexlora", 1e30),
+        ("ffa", 1e30),
+        ("flexlora", 3.3e38),
+        ("ffa", 3.3e38),
+    ],
+)
+def test_a_node_sending_huge_updates_is_rejected_every_round_and_the_run_finishes(
+    run_config: dict[str, Any], tmp_path: Path, strategy: str, value: float
+) -> None:
+    config = {
+        **_small(run_config, tmp_path),
+        "num-server-rounds": 2,
+        "strategy.name": strategy,
+        "strategy.rank-plan": "" if strategy == "fedavg" else "4,8",
+        "output.run-name": f"hostile-{strategy}",
+    }
+    warnings = _Lines()
+    warnings.setLevel(logging.WARNING)
+    logging.getLogger("pollen").addHandler(warnings)
+    try:
+        _serve(_HostileGrid(config, NODES, value), config)
+    finally:
+        logging.getLogger("pollen").removeHandler(warnings)
+    run_dir = tmp_path / "out" / f"hostile-{strategy}"
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["nodes_accepted"], r["nodes_rejected"]) for r in rows] == [(1, 1), (1, 1)]
+    assert all(math.isfinite(r["eval_loss"]) for r in rows)
+    rejected = [line for line in warnings.lines if "rejected the update of node 12" in line]
+    assert len(rejected) == 2 and all("max-update-ratio" in line for line in rejected), warnings.lines
+    from safetensors.torch import load_file
+
+    final = load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
+    assert all(bool(torch.isfinite(t).all()) for t in final.values())
+    assert json.loads((run_dir / "status.json").read_text())["status"] == "completed"

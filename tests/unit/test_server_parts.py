@@ -126,7 +126,7 @@ def test_config_and_registry_name_the_same_strategies() -> None:
 
 def test_mixed_rank_plan_needs_a_strategy_that_mixes_ranks(run_config: dict) -> None:
     from pollen.config import parse_run_config
-    from server_app.app import check_strategy_ranks
+    from server_app.preflight import check_strategy_ranks
 
     mixed = {**run_config, "strategy.rank-plan": "2,8"}
     (problem,) = check_strategy_ranks(parse_run_config({**mixed, "strategy.name": "fedavg"}))

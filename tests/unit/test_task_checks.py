@@ -12,7 +12,7 @@ import pytest
 
 from pollen.config import ConfigError, TaskConfig
 from pollen.model import load_tokenizer
-from server_app.app import preflight
+from server_app.preflight import preflight
 from tasks.checks import check_partitions, check_task_data
 from tasks.data import DataError, held_out, load_file, load_pool
 from tasks.embedded import embedded_model_dir
@@ -131,9 +131,9 @@ def test_partitions_too_small_for_a_node_are_named(tmp_path: Path) -> None:
     ("content", "expected"),
     [
         ("", "is an empty file; expected Alpaca-style examples"),
-        ("{not json", "could not be read as json"),
+        ("{not json", "is not valid JSON: line 1 column 2: Expecting property name"),
         (json.dumps([{"instruction": "x", "answer_text": "y"}]), "but needs ['output']"),
-        (json.dumps([{"instruction": "x", "output": ["a", "b"]}]), "column 'output' holds list values"),
+        (json.dumps([{"instruction": "x", "output": ["a", "b"]}]), "column 'output' holds a list in row 1"),
         (json.dumps([{"instruction": "x", "output": ""}]), "every example's output is empty"),
     ],
 )
@@ -152,3 +152,24 @@ def test_numeric_outputs_become_text(tmp_path: Path) -> None:
         json.dumps([{"instruction": "Is it spam?", "input": f"m{i}", "output": i % 2} for i in range(9)])
     )
     assert load_file(str(path))["output"][:3] == ["0", "1", "0"]
+
+
+def test_a_nested_value_or_broken_json_stops_in_preflight_with_one_line(
+    run_config: dict[str, Any], tmp_path: Path
+) -> None:
+    """Both used to surface as a `datasets` error without the column, the row, the line or the column."""
+    rows: list[dict[str, Any]] = [dict(row) for row in label_rows(60)]
+    rows[7]["instruction"] = {"text": rows[7]["instruction"]}
+    nested = write_json(tmp_path / "nested.json", rows)
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"instruction": "a", "output": "b"}\n{"instruction": "c", "output": d}\n')
+    for path, line in (
+        (nested, f"task.data-path={str(nested)!r}: column 'instruction' holds a dict in row 8 ("),
+        (broken, f"task.data-path={str(broken)!r} is not valid JSON: line 2 column 32: Expecting value"),
+    ):
+        config = {**run_config, "task.data-path": str(path), "output.dir": str(tmp_path / "out")}
+        with pytest.raises(ConfigError) as error:
+            preflight(config)
+        (problem,) = error.value.problems
+        assert problem.startswith(line)
+        assert not (tmp_path / "out").exists()
