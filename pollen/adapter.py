@@ -104,6 +104,11 @@ def unflatten(flat: Mapping[str, torch.Tensor], scale: float) -> Adapter:
     return adapter
 
 
+def sorted_modules(adapter: Adapter) -> Adapter:
+    """``adapter`` with its modules in sorted order, the order :func:`unflatten` gives."""
+    return {module: adapter[module] for module in sorted(adapter)}
+
+
 def add(left: Adapter, right: Adapter, alpha: float = 1.0) -> Adapter:
     """Factor-wise ``left + alpha * right`` (same modules, shapes and scales); scales of ``left`` kept."""
     if left.keys() != right.keys():

@@ -12,7 +12,7 @@ from flwr.app import ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
 from pollen import protocol as P
-from pollen.adapter import Adapter
+from pollen.adapter import Adapter, sorted_modules
 from pollen.codec import WireSpec
 from pollen.config import ConfigError, RunConfig
 from pollen.model import (
@@ -140,7 +140,8 @@ def main(grid: Grid, context: Context) -> None:
 
     meta = {"fingerprint": host.fingerprint, "strategy": cfg.strategy.name, "lora_rank": cfg.lora.rank}
     host.activate(strategy.global_rank(sorted(set(strategy.node_ranks.values()))))
-    global_adapter = strategy.initial_global(host.read())
+    # The server keeps modules in sorted order: it fixes the order of the downlink's random draws.
+    global_adapter = sorted_modules(strategy.initial_global(host.read()))
     rows: list[dict[str, Any]] = []
     if cfg.output.resume:
         checkpoint = resume(folder, strategy, expected_keys(global_adapter), meta)
