@@ -117,6 +117,27 @@ def _shared_prefix(left: bytes, right: bytes) -> int:
     return common
 
 
+def _described(spec: WireSpec, names: list[str], shapes: list[tuple[int, ...]]) -> ArrayRecord:
+    """A record holding the ``header`` and the front-coded ``index`` of these names and shapes."""
+    header = [CODEC_VERSION, spec.bits, quantize.SCHEMES.index(spec.scheme), spec.block_size, len(names)]
+    index = bytearray()
+    previous = b""
+    name_bytes = 0
+    for name, shape in zip(names, shapes, strict=True):
+        raw_name = name.encode("utf-8")
+        name_bytes += len(raw_name)
+        if name_bytes > MAX_NAME_BYTES:
+            raise ValueError(f"tensor names add up to more than {MAX_NAME_BYTES} bytes; shorten them")
+        shared = _shared_prefix(previous, raw_name)
+        shape_text = "x".join(str(size) for size in shape)
+        index += b"%d:%s\0%s\0" % (shared, raw_name[shared:], shape_text.encode("ascii"))
+        previous = raw_name
+    record = ArrayRecord()
+    record[HEADER_KEY] = _raw(np.asarray(header, dtype=np.int64), "int32", "<i4")
+    record[INDEX_KEY] = _raw(np.frombuffer(bytes(index), dtype=np.uint8), "uint8", "u1")
+    return record
+
+
 def _checked_input(name: object, tensor: object) -> torch.Tensor:
     """Validate one input's name, type and size; return it flattened to float32 on CPU; (numel,)."""
     if not isinstance(name, str) or not name or "\0" in name:
@@ -162,28 +183,11 @@ def encode(
     """
     if not isinstance(spec, WireSpec):
         raise TypeError(f"spec must be a WireSpec, got {type(spec).__name__}")
-    header = [CODEC_VERSION, spec.bits, quantize.SCHEMES.index(spec.scheme), spec.block_size, len(tensors)]
-    index = bytearray()
-    flats: list[torch.Tensor] = []
-    previous = b""
-    name_bytes = 0
-    for name, tensor in tensors.items():
-        flats.append(_checked_input(name, tensor))
-        raw_name = name.encode("utf-8")
-        name_bytes += len(raw_name)
-        if name_bytes > MAX_NAME_BYTES:
-            raise ValueError(f"tensor names add up to more than {MAX_NAME_BYTES} bytes; shorten them")
-        shared = _shared_prefix(previous, raw_name)
-        shape_text = "x".join(str(size) for size in tensor.shape)
-        index += b"%d:%s\0%s\0" % (shared, raw_name[shared:], shape_text.encode("ascii"))
-        previous = raw_name
-
+    flats = [_checked_input(name, tensor) for name, tensor in tensors.items()]
     everything = torch.cat(flats) if flats else torch.zeros(0)  # (total_numel,)
     _check_values(list(tensors), flats, everything, spec.bits)
 
-    record = ArrayRecord()
-    record[HEADER_KEY] = _raw(np.asarray(header, dtype=np.int64), "int32", "<i4")
-    record[INDEX_KEY] = _raw(np.frombuffer(bytes(index), dtype=np.uint8), "uint8", "u1")
+    record = _described(spec, list(tensors), [tuple(t.shape) for t in tensors.values()])
     if spec.bits == 32:
         record[VALUES_KEY] = _raw(everything.numpy(), "float32", "<f4")
     elif spec.bits == 16:
@@ -448,17 +452,8 @@ def fp32_sized(layout: Layout) -> ArrayRecord:
 
     Raw float32 bytes do not depend on the values, so byte accounting needs no decode.
     """
-    record = ArrayRecord()
-    index = bytearray()
-    previous = b""
-    header = [CODEC_VERSION, 32, 0, layout.spec.block_size, len(layout.names)]
-    for name, shape in zip(layout.names, layout.shapes, strict=True):
-        raw_name = name.encode("utf-8")
-        shared = _shared_prefix(previous, raw_name)
-        index += b"%d:%s\0%s\0" % (shared, raw_name[shared:], "x".join(map(str, shape)).encode("ascii"))
-        previous = raw_name
-    record[HEADER_KEY] = _raw(np.asarray(header, dtype=np.int64), "int32", "<i4")
-    record[INDEX_KEY] = _raw(np.frombuffer(bytes(index), dtype=np.uint8), "uint8", "u1")
+    spec = WireSpec(bits=32, block_size=layout.spec.block_size)
+    record = _described(spec, list(layout.names), list(layout.shapes))
     record[VALUES_KEY] = Array(
         dtype="float32", shape=(layout.numel,), stype=STYPE, data=bytes(4 * layout.numel)
     )
