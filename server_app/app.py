@@ -24,8 +24,8 @@ from server_app.artifacts import CHECKPOINT_DIR, RunFolder, run_folder_path
 from server_app.checkpoint import (
     Checkpoint,
     CheckpointError,
+    check_fits,
     expected_keys,
-    load_checkpoint,
     save_checkpoint,
 )
 from server_app.evaluation import Evaluator, load_global
@@ -37,7 +37,7 @@ from strategies.base import LoraStrategy, StrategySettings
 from strategies.registry import build_strategy
 from strategies.sampling import wait_for_nodes as wait_for
 from tasks.checks import DataCheck, check_partitions
-from tasks.data import DataError, partition_sizes
+from tasks.data import DataError
 
 log = logging.getLogger("pollen")
 app = ServerApp()
@@ -101,8 +101,8 @@ def check_data_split(cfg: RunConfig, nodes: NodeDirectory) -> dict[int, list[int
     sizes: dict[int, list[int]] = {}
     try:
         for count in nodes.partition_counts():
-            log.info(check_partitions(cfg.task, count, cfg.seed))
-            sizes[count] = partition_sizes(cfg.task, count, cfg.seed)
+            line, sizes[count] = check_partitions(cfg.task, count, cfg.seed)
+            log.info(line)
     except DataError as exc:
         _stop([str(exc)])
     return sizes
@@ -144,7 +144,7 @@ def main(grid: Grid, context: Context) -> None:
     global_adapter = sorted_modules(strategy.initial_global(host.read()))
     rows: list[dict[str, Any]] = []
     if cfg.output.resume:
-        checkpoint = resume(folder, strategy, expected_keys(global_adapter), meta)
+        checkpoint = resume(prep, strategy, expected_keys(global_adapter), meta)
         global_adapter, rows = checkpoint.adapter, list(checkpoint.metrics)
         folder.rewrite_metrics(rows)  # drops any line of a round that was in flight
         folder.mark("running", server_round=checkpoint.round)
@@ -242,15 +242,20 @@ def wait_for_nodes(grid: Grid, count: int, timeout: float) -> None:
 
 
 def resume(
-    folder: RunFolder, strategy: LoraStrategy, expected: dict[str, tuple[int, ...]], meta: dict[str, Any]
+    prep: Prepared, strategy: LoraStrategy, expected: dict[str, tuple[int, ...]], meta: dict[str, Any]
 ) -> Checkpoint:
-    """The run's last checkpoint, checked strictly against this run, with the strategy's state restored.
+    """The run's last checkpoint (read by the preflight), checked strictly against this run now that the
+    model is loaded, with the strategy's state restored.
 
     What only the nodes held (downlink views, error-feedback residuals) is not in it: a resumed run is a
     new Flower run, so nodes start without them and the strategy sends whole adapters first.
     """
+    checkpoint = prep.checkpoint
+    if checkpoint is None:
+        raise RuntimeError("output.resume=true, but the preflight read no checkpoint")
+    folder = run_folder_path(prep.cfg.output.dir, prep.cfg.output.run_name) / CHECKPOINT_DIR
     try:
-        checkpoint = load_checkpoint(folder.path / CHECKPOINT_DIR, expected=expected, require=meta)
+        check_fits(checkpoint, expected, meta, folder)
         strategy.restore(checkpoint.strategy_state)
     except (CheckpointError, ValueError) as exc:
         _stop([f"output.resume: {exc}"])

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from pollen.config import RunConfig
-from server_app.checkpoint import STATE_FILE, CheckpointError, checkpoint_round, load_checkpoint
+from server_app.checkpoint import STATE_FILE, Checkpoint, CheckpointError, checkpoint_round, load_checkpoint
 
 METRICS_FILE = "metrics.jsonl"
 CONFIG_FILE = "run_config.json"
@@ -88,11 +88,12 @@ def _same_model(name: str, path: str, then_name: Any, then_path: Any) -> bool:
         return False
 
 
-def check_resume(run_dir: Path, cfg: RunConfig, model_path: str) -> list[str]:
+def check_resume(run_dir: Path, cfg: RunConfig, model_path: str) -> tuple[list[str], Checkpoint | None]:
     """output.resume: ``run_dir`` holds a whole checkpoint, of a run with this lora.rank, strategy and model.
 
-    The checkpoint is read as the resume will read it (checksum, tensors); the base-model fingerprint
-    and the adapter's shapes are compared once the model is loaded (server_app.app.resume).
+    Returns the problems and the checkpoint, read once here (checksum, tensors) for the resume to use;
+    the base-model fingerprint and the adapter's shapes are compared once the model is loaded
+    (server_app.app.resume).
     """
     folder = run_dir / CHECKPOINT_DIR
     state = folder / STATE_FILE
@@ -100,20 +101,18 @@ def check_resume(run_dir: Path, cfg: RunConfig, model_path: str) -> list[str]:
         if checkpoint_round(folder) is None:
             return [
                 f"output.resume=true but {run_dir} holds no checkpoint; start it with output.resume=false"
-            ]
+            ], None
         checkpoint = load_checkpoint(folder)
     except CheckpointError as exc:
-        return [f"output.resume=true: {exc}"]
+        return [f"output.resume=true: {exc}"], None
     except (OverflowError, ValueError, TypeError, KeyError, AttributeError, OSError) as exc:
         # anything server_app.checkpoint failed to turn into a CheckpointError still gives one line
-        return [f"output.resume=true: {state} is damaged ({exc}); restore it or remove the run folder"]
-    if checkpoint.round < 0:
-        return [f"output.resume=true: {state} is damaged (round={checkpoint.round}); restore it"]
+        return [f"output.resume=true: {state} is damaged ({exc}); restore it or remove the run folder"], None
     if "lora_rank" not in checkpoint.meta:
         return [
             f"output.resume=true: {state} records no lora_rank (an older Pollen wrote it), so it cannot be "
             "checked against this run; start a new run under another output.run-name"
-        ]
+        ], None
     recorded = _recorded(run_dir)
     then = recorded.get("run_config")
     section = then.get("model") if isinstance(then, dict) else None
@@ -127,31 +126,36 @@ def check_resume(run_dir: Path, cfg: RunConfig, model_path: str) -> list[str]:
         ("strategy.name", cfg.strategy.name, checkpoint.meta.get("strategy")),
         ("model.name", cfg.model.name, then_model),
     )
-    return [
+    problems = [
         f"output.resume=true: {key}={now!r}, but the run in {run_dir} was made with {key}={was!r}; "
         f"resume with {key}={was!r}, or start a new run under another output.run-name"
         for key, now, was in compared
         if was is not None and now != was
     ]
+    return problems, checkpoint
 
 
-def check_output(cfg: RunConfig, model_path: str) -> list[str]:
-    """output.dir can hold run folders; a new run's folder is free, a resumed run's checkpoint fits."""
+def check_output(cfg: RunConfig, model_path: str) -> tuple[list[str], Checkpoint | None]:
+    """output.dir can hold run folders; a new run's folder is free, a resumed run's checkpoint fits.
+
+    Returns the problems and, resuming, the checkpoint as read for the check.
+    """
     problem = check_output_dir(cfg.output.dir)
     if problem:
-        return [problem]
+        return [problem], None
     run_dir = run_folder_path(cfg.output.dir, cfg.output.run_name)
     if cfg.output.resume:
         return check_resume(run_dir, cfg, model_path)
     try:
         check_run_folder_free(run_dir)
     except FileExistsError as exc:
-        return [str(exc)]
+        return [str(exc)], None
     except OSError as exc:
-        return [
+        reason = (
             f"output folder {run_dir} cannot be read ({exc.strerror or exc}); choose another output.run-name"
-        ]
-    return []
+        )
+        return [reason], None
+    return [], None
 
 
 def write_atomic(path: Path, data: bytes) -> None:

@@ -221,6 +221,24 @@ def _check_keys(
             )
 
 
+def check_meta(meta: Mapping[str, Any], require: Mapping[str, Any], folder: Path) -> None:
+    """CheckpointError unless every ``require`` entry equals the checkpoint's metadata."""
+    for key, wanted in require.items():
+        if meta.get(key) != wanted:
+            raise CheckpointError(
+                f"checkpoint {folder} was made with {key}={meta.get(key)!r}, this run has {key}={wanted!r}; "
+                "resume with the configuration of the original run"
+            )
+
+
+def check_fits(
+    checkpoint: Checkpoint, expected: Mapping[str, tuple[int, ...]], require: Mapping[str, Any], folder: Path
+) -> None:
+    """The strict checks of :func:`load_checkpoint` on a checkpoint already loaded without them."""
+    _check_keys(to_stored(checkpoint.adapter), expected, folder)
+    check_meta(checkpoint.meta, require, folder)
+
+
 def load_checkpoint(
     folder: Path,
     expected: Mapping[str, tuple[int, ...]] | None = None,
@@ -251,7 +269,7 @@ def load_checkpoint(
     for key, value in tensors.items():
         if key.startswith(_STRATEGY_PREFIX):
             strategy_state[key[len(_STRATEGY_PREFIX) :]] = value
-    if expected is not None:
+    if expected is not None:  # before from_stored, so a misfit names keys rather than a missing scale
         _check_keys(stored, expected, tensor_path)
     try:
         loaded = from_stored(stored)
@@ -264,12 +282,7 @@ def load_checkpoint(
     if not isinstance(document["meta"], dict) or not isinstance(document["metrics"], list):
         raise CheckpointError(f"{folder / STATE_FILE}: its meta or metrics entry is damaged")
     meta = dict(document["meta"])
-    for key, wanted in (require or {}).items():
-        if meta.get(key) != wanted:
-            raise CheckpointError(
-                f"checkpoint {folder} was made with {key}={meta.get(key)!r}, this run has {key}={wanted!r}; "
-                "resume with the configuration of the original run"
-            )
+    check_meta(meta, require or {}, folder)
     return Checkpoint(
         round=_round_of(document["round"], folder / STATE_FILE),
         adapter=adapter,

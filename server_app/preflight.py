@@ -14,6 +14,7 @@ from pollen.model import (
 )
 from pollen.targets import TargetModulesError
 from server_app.artifacts import check_output
+from server_app.checkpoint import Checkpoint
 from strategies.registry import STRATEGY_CLASSES
 from tasks.checks import DataCheck, check_task_data
 from tasks.data import DataError, check_data_source
@@ -30,6 +31,7 @@ class Prepared:
     tokenizer: Any
     prompt: PromptFormat
     data: DataCheck
+    checkpoint: Checkpoint | None = None  # output.resume: the checkpoint, read once by the check
 
 
 def preflight(run_config: dict[str, Any]) -> Prepared:
@@ -51,10 +53,11 @@ def preflight(run_config: dict[str, Any]) -> Prepared:
         if tokenizer is not None:
             data = check_task_data(cfg.task, cfg.seed, tokenizer, cfg.train.max_seq_len, prompt)
             problems.extend(data.problems)
-    problems.extend(check_output(cfg, model_path))
+    output_problems, checkpoint = check_output(cfg, model_path)
+    problems.extend(output_problems)
     if problems:
         raise ConfigError(problems)
-    return Prepared(cfg=cfg, model_path=model_path, tokenizer=tokenizer, prompt=prompt, data=data)
+    return Prepared(cfg, model_path, tokenizer, prompt, data, checkpoint)
 
 
 def _first_line(exc: BaseException) -> str:

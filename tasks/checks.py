@@ -159,8 +159,9 @@ def check_task_data(
     return check
 
 
-def check_partitions(task: TaskConfig, num_partitions: int, seed: int) -> str:
-    """A line on how the pool splits over ``num_partitions`` nodes; DataError when one gets too few."""
+def check_partitions(task: TaskConfig, num_partitions: int, seed: int) -> tuple[str, list[int]]:
+    """A line on how the pool splits over ``num_partitions`` nodes, and each partition's size;
+    DataError when one gets too few."""
     sizes = partition_sizes(task, num_partitions, seed)
     smallest = min(range(num_partitions), key=lambda pid: sizes[pid])
     if sizes[smallest] < MIN_PARTITION_SIZE:
@@ -170,7 +171,8 @@ def check_partitions(task: TaskConfig, num_partitions: int, seed: int) -> str:
             "or use more data"
         )
     how = "iid" if task.partitioner == "iid" else f"dirichlet over {task.partition_by!r}, alpha {task.alpha}"
-    return (
+    line = (
         f"data: {sum(sizes)} training examples over {num_partitions} partitions ({how}); smallest "
         f"{sizes[smallest]} (partition {smallest}), largest {max(sizes)}"
     )
+    return line, sizes

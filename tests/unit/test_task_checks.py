@@ -123,7 +123,8 @@ def test_partitions_too_small_for_a_node_are_named(tmp_path: Path) -> None:
         "task.partitioner='dirichlet' (task.alpha=0.01, task.partition-by='group')"
     )
     assert str(error.value).endswith("raise task.alpha, set task.partitioner='iid', or use more data")
-    line = check_partitions(replace(task, partitioner="iid"), 4, 0)
+    line, sizes = check_partitions(replace(task, partitioner="iid"), 4, 0)
+    assert len(sizes) == 4
     assert line == "data: 45 training examples over 4 partitions (iid); smallest 11 (partition 1), largest 12"
 
 
