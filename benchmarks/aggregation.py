@@ -17,7 +17,7 @@ import os
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 from typing import TypeVar
@@ -134,7 +134,7 @@ def strategy_for(name: str, scenario: Scenario, global_rank: int, **changes: obj
         downlink=WireSpec(bits=32),
         seed=0,
     )
-    return build_strategy(name, StrategySettings(**{**settings.__dict__, **changes}))  # type: ignore[arg-type]
+    return build_strategy(name, replace(settings, **changes))  # type: ignore[arg-type]
 
 
 def node_updates(
@@ -231,7 +231,7 @@ def run(scenario: Scenario) -> tuple[list[Row], dict[str, float]]:
             rows.insert(-1, Row("Zero-padding, norm-weighted", work, modules, combined))
             continue
         label = {"zeropad": "Zero-padding (HetLoRA)", "flora": "FLoRA stacking", "ffa": "FFA-LoRA"}[name]
-        how = "SVD" if name == "flora" else "truncation"
+        how = "SVD" if strategy.projection == "svd" else "truncation"
         rows.append(Row(label, work, modules, combined))
         rows.append(
             Row(f"{label}, per-node {how}", f"{nodes} node adapters from the global", modules, per_node)
