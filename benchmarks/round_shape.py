@@ -57,7 +57,7 @@ def write_alpaca_file(path: Path, count: int) -> Path:
 
 
 def build_model(folder: Path) -> Path:
-    """Save the 3.7M Llama (config, safetensors weights, SmolLM2 tokenizer) to ``folder``."""
+    """Save the 3.7M Llama (config, safetensors weights, the embedded byte-level tokenizer) to ``folder``."""
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
