@@ -88,6 +88,11 @@ def run_plain(nodes: int) -> dict[str, float]:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def _cell(value: Any, digits: int) -> str:
+    """A figure of the per-round table; a dash for a round that was not evaluated (eval.every)."""
+    return "–" if value is None else f"{value:.{digits}f}"
+
+
 def render(
     command: str,
     load: float | None,
@@ -132,7 +137,8 @@ def render(
         "|---:|---:|---:|---:|---:|",
     ]
     lines += [
-        f"| {r['round']} | {r['eval_loss']:.4f} | {r['exact_match']:.3f} | {r['fit_seconds']:.1f} | "
+        f"| {r['round']} | {_cell(r.get('eval_loss'), 4)} | {_cell(r.get('exact_match'), 3)} "
+        f"| {r['fit_seconds']:.1f} | "
         f"{r['round_seconds']:.1f} |"
         for r in rows
     ]

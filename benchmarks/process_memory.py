@@ -47,7 +47,7 @@ class TreeMemory:
     peak_total: int = 0
     peaks: dict[str, int] = field(default_factory=dict)  # role -> highest RSS of one process
     counts: dict[str, int] = field(default_factory=dict)  # role -> processes seen
-    _seen: set[int] = field(default_factory=set)
+    _seen: set[tuple[int, str]] = field(default_factory=set)  # (pid, role): a Ray worker renames itself
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
 
@@ -71,8 +71,8 @@ class TreeMemory:
                 continue
             total += rss
             self.peaks[name] = max(self.peaks.get(name, 0), rss)
-            if proc.pid not in self._seen:
-                self._seen.add(proc.pid)
+            if (proc.pid, name) not in self._seen:
+                self._seen.add((proc.pid, name))
                 self.counts[name] = self.counts.get(name, 0) + 1
         self.peak_total = max(self.peak_total, total)
 

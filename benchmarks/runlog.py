@@ -29,11 +29,17 @@ UNCHANGED_BY_DEFAULT: dict[str, Any] = {
     "task.metric": "auto",
     "task.labels": "",
     "train.gradient-checkpointing": False,
+    "train.micro-batch-size": 0,
+    "eval.every": 1,
+    "eval.background": True,  # when the evaluation runs, not what it finds
     # bounds on what a node may send; no honest node of the benchmarks comes near them
     "strategy.max-rank": 256,
     "strategy.max-update-ratio": 25.0,
     "strategy.max-node-examples": 1000000,
 }
+# The learning benchmarks evaluate after every round (a curve point per round), as their logged runs did
+# before eval.every existed; the shipped default evaluates less often.
+EVERY_ROUND = {"eval.every": 1}
 EMBEDDED_ALL_LINEAR = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 
 

@@ -99,6 +99,7 @@ class FederatedSetting:
 
     def overrides(self) -> dict[str, Any]:
         return {
+            **runlog.EVERY_ROUND,
             "strategy.name": self.strategy,
             "strategy.rank-plan": self.ranks,
             "wire.uplink-bits": self.wire_bits,
@@ -403,7 +404,7 @@ def main() -> int:
     if args.rounds < 1 or any(seed < 0 for seed in args.seeds) or len(set(args.seeds)) != len(args.seeds):
         parser.error(f"--rounds={args.rounds} --seeds={args.seeds}: need >= 1 round and distinct seeds >= 0")
     chosen = [n for n in known if n in set(args.only or known)]
-    cfg = shipped_run_config()
+    cfg = {**shipped_run_config(), **runlog.EVERY_ROUND}
     config = runlog.config_fingerprint(cfg)
     steps = {
         "centralized": args.rounds * nodes_per_round(cfg, NUM_NODES) * int(cfg["train.local-steps"]),

@@ -23,6 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from benchmarks import runlog  # noqa: E402
 from benchmarks.report import load_average, machine_line, run_federation, write_section  # noqa: E402
 
 NUM_NODES = 10
@@ -38,6 +39,7 @@ class Setting:
 
     def overrides(self) -> dict[str, Any]:
         return {
+            **runlog.EVERY_ROUND,
             "wire.uplink-bits": self.uplink,
             "wire.downlink-bits": self.downlink,
             "wire.scheme": self.scheme,

@@ -15,6 +15,7 @@ import torch
 
 from pollen.adapter import Adapter, flatten, subtract
 from pollen.config import RunConfig
+from pollen.cpu_memory import return_freed_heap
 from pollen.device import resolve_device
 from pollen.model import LoraHost, load_base_model, load_tokenizer
 from pollen.protocol import RoundKnobs
@@ -34,6 +35,7 @@ class Worker:
     host: LoraHost
     tokenizer: Any
     device: torch.device
+    micro_batch_size: int = 0  # train.micro-batch-size: rows per forward/backward pass (0 = whole batch)
 
     def tokenizer_for(self, max_seq_len: int, prompt_format: str) -> ExampleTokenizer:
         """Tokenizes examples as the server does: same prompt format (task.prompt-format), same cut."""
@@ -55,6 +57,7 @@ def worker_key(run: RunConfig, device_override: str = "") -> tuple[Any, ...]:
         run.lora,
         run.seed,  # seeds the fresh adapters LoraHost creates
         run.train.gradient_checkpointing,
+        run.train.micro_batch_size,
     )
 
 
@@ -71,6 +74,7 @@ def worker_on(base: torch.nn.Module, run: RunConfig, device_override: str = "") 
         host=LoraHost(base, run.lora, seed=run.seed, gradient_checkpointing=checkpointing),
         tokenizer=load_tokenizer(resolve_model_name(run.model.name)),
         device=resolve_device(device_override or run.model.device),
+        micro_batch_size=run.train.micro_batch_size,
     )
 
 
@@ -131,7 +135,9 @@ def train_from(
         steps=knobs.local_steps,
         lr=knobs.lr,
         device=worker.device,
+        micro_batch_size=worker.micro_batch_size,
     )
+    return_freed_heap()  # the steps' activations, before the update is encoded and sent
     delta = flatten(subtract(worker.host.read(), start))
     if not knobs.train_a:  # A stayed frozen: its delta is zero and is not sent
         delta = {name: tensor for name, tensor in delta.items() if not name.endswith(".A")}
@@ -152,6 +158,7 @@ def score_round(
     worker.host.write(received)
     examples = [e for e in tokenize_rows(worker, rows, knobs.max_seq_len, prompt_format) if e.has_response]
     loss = response_loss(worker.host.model, examples, worker.tokenizer.pad_token_id, knobs.batch_size)
+    return_freed_heap()
     return loss, (len(examples) if loss is not None else 0)
 
 

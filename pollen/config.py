@@ -62,6 +62,7 @@ class TrainConfig:
     lr_schedule: str = "constant"  # "constant" or "cosine" over the rounds (pollen/schedule.py)
     lr_min: float = 0.0  # the cosine schedule's rate at the last round
     gradient_checkpointing: bool = False  # recompute decoder-layer activations in the backward pass
+    micro_batch_size: int = 0  # rows per forward/backward pass, gradients summed per step (0 = whole batch)
 
 
 @dataclass(frozen=True)
@@ -112,6 +113,14 @@ class OutputConfig:
 
 
 @dataclass(frozen=True)
+class EvalConfig:
+    """When the server evaluates the global adapter (server_app/schedule.py)."""
+
+    every: int = 1  # evaluate after every this many rounds, and always after round 0 and the last round
+    background: bool = True  # evaluate round r's adapter in a thread while round r+1 trains
+
+
+@dataclass(frozen=True)
 class RunConfig:
     """Everything a run needs, resolved from the run config."""
 
@@ -124,6 +133,7 @@ class RunConfig:
     task: TaskConfig
     strategy: StrategyConfig
     wire: WireConfig
+    evaluation: EvalConfig = EvalConfig()
 
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict (for the resolved-config file of a run)."""
@@ -216,6 +226,9 @@ _RUN_KEYS: dict[str, _Key] = {
     "train.batch-size": _POSITIVE_INT,
     "train.max-seq-len": _Key(int, lambda v: v >= 8, "an integer >= 8"),
     "train.gradient-checkpointing": _Key(bool, accepted="true or false"),
+    "train.micro-batch-size": _Key(
+        int, lambda v: v >= 0, "0 (the whole batch in one pass) or an integer >= 1"
+    ),
     "task.name": _Key(
         str, lambda v: v.strip() != "", "'synthetic', 'alpaca', 'finance', 'medical', 'code' or a dataset id"
     ),
@@ -237,6 +250,8 @@ _RUN_KEYS: dict[str, _Key] = {
     "strategy.name": _one_of(STRATEGIES),
     "strategy.fraction-train": _Key(float, lambda v: 0.0 < v <= 1.0, "a number above 0.0, up to 1.0"),
     "strategy.fraction-evaluate": _FRACTION,
+    "eval.every": _POSITIVE_INT,
+    "eval.background": _Key(bool, accepted="true or false"),
     "strategy.min-nodes": _POSITIVE_INT,
     "strategy.round-timeout": _Key(float, lambda v: v > 0, "a number of seconds > 0"),
     "strategy.rank-plan": _Key(
@@ -379,6 +394,7 @@ def parse_run_config(run_config: Mapping[str, Any]) -> RunConfig:
             lr_schedule=v["train.lr-schedule"],
             lr_min=v["train.lr-min"],
             gradient_checkpointing=v["train.gradient-checkpointing"],
+            micro_batch_size=v["train.micro-batch-size"],
         ),
         task=TaskConfig(
             name=v["task.name"],
@@ -414,6 +430,7 @@ def parse_run_config(run_config: Mapping[str, Any]) -> RunConfig:
             error_feedback=v["wire.error-feedback"],
             scheme=v["wire.scheme"],
         ),
+        evaluation=EvalConfig(every=v["eval.every"], background=v["eval.background"]),
     )
 
 

@@ -35,21 +35,21 @@ def release_checkpoint_file(model: torch.nn.Module) -> None:
     import gc
 
     gc.collect()
-    _return_freed_heap()
+    return_freed_heap()
 
 
 _M_MMAP_THRESHOLD = -3  # glibc mallopt parameter (malloc.h)
-MMAP_THRESHOLD_BYTES = 64 * 1024  # glibc's initial threshold, kept fixed instead of growing to 32 MiB
+MMAP_THRESHOLD_BYTES = 64 * 1024  # glibc's initial threshold, kept fixed during a load instead of growing
 
 
 def return_large_blocks_to_os() -> None:
     """Give every CPU allocation of 64 KiB or more its own mapping, so freeing it returns it to the OS.
 
-    glibc raises its mmap threshold each time a large block is freed, after which a training step's
-    activations and the dequantized 4-bit weights of every layer come from the heap, where short-lived
-    and long-lived blocks interleave and the heap never shrinks: on SmolLM2 that fragmentation was
-    about half of a node's training peak (docs/BENCHMARKS.md, node memory). Fixing the threshold costs page
-    faults on every large allocation (slower CPU steps) and is process-wide; a no-op without glibc.
+    For a model load: glibc raises its mmap threshold each time a large block is freed, after which the
+    load's full-precision temporaries come from the heap, where they interleave with the 4-bit weights
+    kept and the heap never shrinks (docs/BENCHMARKS.md, node memory). The setting is process-wide and
+    costs a page fault per page of every large block, so :func:`reuse_heap_after_load` ends it once the
+    model is loaded; a no-op without glibc.
     """
     libc = _libc()
     mallopt = getattr(libc, "mallopt", None)
@@ -57,8 +57,25 @@ def return_large_blocks_to_os() -> None:
         mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
 
 
-def _return_freed_heap() -> None:
-    """Ask glibc to return freed heap pages to the OS (a no-op elsewhere)."""
+HEAP_THRESHOLD_AFTER_LOAD_BYTES = 32 * 1024 * 1024  # the ceiling glibc's own dynamic threshold grows to
+
+
+def reuse_heap_after_load() -> None:
+    """After a load: serve blocks up to 32 MiB from the heap again, and return what the load freed.
+
+    With every block of 64 KiB or more mapped on its own, each training step pays a page fault per page
+    of its activations: the round-cost benchmark's 3.7M Llama trained 10 steps in 14.2-18.7 s instead of
+    8.5 s (docs/BENCHMARKS.md, round cost). The heap a round leaves behind is handed back after it
+    (:func:`return_freed_heap`).
+    """
+    mallopt = getattr(_libc(), "mallopt", None)
+    if mallopt is not None:
+        mallopt(_M_MMAP_THRESHOLD, HEAP_THRESHOLD_AFTER_LOAD_BYTES)
+    return_freed_heap()
+
+
+def return_freed_heap() -> None:
+    """Ask glibc to return freed heap pages to the OS, e.g. after a round (a no-op elsewhere)."""
     trim = getattr(_libc(), "malloc_trim", None)
     if trim is not None:
         trim(0)

@@ -15,7 +15,7 @@ import torch
 
 from pollen.adapter import Adapter, adapter_from_state_dict, adapter_to_state_dict
 from pollen.config import LoraConfig, ModelConfig
-from pollen.cpu_memory import release_checkpoint_file, return_large_blocks_to_os
+from pollen.cpu_memory import release_checkpoint_file, return_large_blocks_to_os, reuse_heap_after_load
 from pollen.device import quantization_config, resolve_compute_dtype, resolve_device
 from pollen.targets import (
     model_fingerprint,
@@ -191,7 +191,7 @@ def load_base_model(name_or_path: str, config: ModelConfig, device_override: str
     hf_logging.disable_progress_bar()  # one bar per load would drown the per-round progress lines
     device = resolve_device(device_override or config.device)
     if device.type == "cpu":
-        return_large_blocks_to_os()  # from here on: the load's temporaries and every step's activations
+        return_large_blocks_to_os()  # for the load's temporaries; reuse_heap_after_load ends it
     dtype = resolve_compute_dtype(config.compute_dtype, device)
     quant = quantization_config(config.quantization, dtype)
     kwargs: dict[str, Any] = {"dtype": dtype}
@@ -207,6 +207,8 @@ def load_base_model(name_or_path: str, config: ModelConfig, device_override: str
             release_checkpoint_file(model)
     model.requires_grad_(False)
     model.eval()
+    if device.type == "cpu":
+        reuse_heap_after_load()
     return model
 
 
@@ -317,7 +319,11 @@ class LoraHost:
         )
 
     def activate(self, rank: int) -> AdapterSlot:
-        """Make the rank-``rank`` adapter the trained and applied one, creating it (seeded) if new."""
+        """Make the rank-``rank`` adapter the trained and applied one, creating it (seeded) if new.
+
+        A new adapter's layers (its LoRA dropout among them) are created in training mode; the model is
+        put back in evaluation mode, so scoring never applies dropout (training switches it on and off).
+        """
         if rank not in self._slots:
             slot = AdapterSlot(name=f"rank{rank}", rank=rank, scale=self.lora.alpha / rank)
             torch.manual_seed(self.seed + rank)
@@ -327,6 +333,7 @@ class LoraHost:
                 self._model = get_peft_model(self._base, self._peft_config(rank), adapter_name=slot.name)
             else:
                 self._model.add_adapter(slot.name, self._peft_config(rank))
+            self._model.eval()
             self._slots[rank] = slot
         slot = self._slots[rank]
         self.model.set_adapter(slot.name)

@@ -57,11 +57,14 @@ def train_steps(
     steps: int,
     lr: float,
     device: torch.device,
+    micro_batch_size: int = 0,
 ) -> TrainResult:
     """Run ``steps`` optimizer steps; the optimizer is fresh each call (rounds are independent).
 
-    Raises FloatingPointError on a non-finite loss, so a diverging node fails loudly instead of
-    sending NaN factors to the server.
+    ``micro_batch_size`` > 0 runs each batch's forward and backward passes that many rows at a time and
+    sums their gradients, so a step holds the activations of one micro-batch only; the step's loss and
+    gradient are the whole batch's (token-weighted), as without it. Raises FloatingPointError on a
+    non-finite loss, so a diverging node fails loudly instead of sending NaN factors to the server.
     """
     optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=0.0)
     model.train()
@@ -69,14 +72,39 @@ def train_steps(
     start = time.perf_counter()
     for step in range(steps):
         batch = {k: v.to(device) for k, v in next(batches).items()}
-        total, count = response_cross_entropy(model, batch)
-        loss = total / max(count, 1)
-        if not math.isfinite(loss.item()):
-            raise FloatingPointError(f"training loss became {loss.item()} at step {step + 1}; lower train.lr")
-        loss.backward()
+        loss = _accumulate_gradients(model, batch, micro_batch_size)
+        if not math.isfinite(loss):
+            raise FloatingPointError(f"training loss became {loss} at step {step + 1}; lower train.lr")
         torch.nn.utils.clip_grad_norm_(parameters, max_norm=1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.item())
+        losses.append(loss)
     model.eval()
     return TrainResult(mean_loss=sum(losses) / len(losses), steps=steps, seconds=time.perf_counter() - start)
+
+
+def micro_batches(batch: dict[str, torch.Tensor], size: int) -> list[dict[str, torch.Tensor]]:
+    """``batch`` cut into consecutive row slices of ``size`` rows (the whole batch when ``size`` <= 0)."""
+    rows = batch["input_ids"].shape[0]
+    if size <= 0 or size >= rows:
+        return [batch]
+    return [{k: v[start : start + size] for k, v in batch.items()} for start in range(0, rows, size)]
+
+
+def _accumulate_gradients(
+    model: torch.nn.Module, batch: dict[str, torch.Tensor], micro_batch_size: int
+) -> float:
+    """Backpropagate the batch's mean response-token loss, one micro-batch at a time; returns the loss.
+
+    Each micro-batch's summed loss is divided by the whole batch's response-token count, so the summed
+    gradients equal those of the batch in one pass (a micro-batch without response tokens is skipped).
+    """
+    tokens = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+    total = 0.0
+    for part in micro_batches(batch, micro_batch_size):
+        if not (part["labels"][:, 1:] != IGNORE_INDEX).any():
+            continue
+        summed, _ = response_cross_entropy(model, part)
+        (summed / max(tokens, 1)).backward()
+        total += float(summed.detach())
+    return total / max(tokens, 1)

@@ -28,7 +28,13 @@ from server_app.checkpoint import (
     expected_keys,
     save_checkpoint,
 )
-from server_app.evaluation import Evaluator, load_global
+from server_app.evaluation import (
+    EvaluationSlot,
+    Evaluator,
+    awaiting_evaluation,
+    evaluated_round,
+    load_global,
+)
 from server_app.failures import FederationError
 from server_app.nodes import NodeDirectory
 from server_app.preflight import Prepared, preflight
@@ -143,18 +149,27 @@ def main(grid: Grid, context: Context) -> None:
     # The server keeps modules in sorted order: it fixes the order of the downlink's random draws.
     global_adapter = sorted_modules(strategy.initial_global(host.read()))
     rows: list[dict[str, Any]] = []
+    slot = EvaluationSlot(
+        lambda adapter: evaluation_row(evaluate, adapter, prep.data), cfg.evaluation.background
+    )
+    unwritten: list[dict[str, Any]] = []  # rows not yet in metrics.jsonl, in round order
     if cfg.output.resume:
         checkpoint = resume(prep, strategy, expected_keys(global_adapter), meta)
         global_adapter, rows = checkpoint.adapter, list(checkpoint.metrics)
-        folder.rewrite_metrics(rows)  # drops any line of a round that was in flight
+        # The checkpoint's last round may have been stopped before its evaluation finished; its adapter is
+        # the checkpoint's, so it is evaluated again now.
+        unwritten = [row for row in rows[-1:] if awaiting_evaluation(row)]
+        folder.rewrite_metrics(rows[: len(rows) - len(unwritten)])  # drops any line of a round in flight
+        for row in unwritten:
+            slot.start(row, global_adapter)
         folder.mark("running", server_round=checkpoint.round)
         log.info("resuming %s after round %d (nodes get whole adapters)", folder.path, checkpoint.round)
     else:
         folder.create({"run_config": cfg.to_dict(), "base_model_path": model_path, **meta})
         folder.mark("running", server_round=0)
         log.info("run folder %s", folder.path)
-        round0 = evaluation_row(evaluate, global_adapter, prep.data)
-        log.info("round 0 (base + initial adapter): %s", evaluation_text(round0, evaluate.figure_name()))
+        unwritten.append({"round": 0, "evaluated": True})  # base + initial adapter: logged, not a metrics row
+        slot.start(unwritten[0], global_adapter)
     strategy.summary()
 
     server_round = len(rows)
@@ -163,6 +178,7 @@ def main(grid: Grid, context: Context) -> None:
             started = time.perf_counter()
             if nodes.discover(grid, timeout=cfg.strategy.round_timeout):
                 admit(strategy, nodes, sizes)
+            due = evaluated_round(server_round, cfg.evaluation.every, cfg.num_server_rounds)
             global_adapter, row = run_round(
                 grid,
                 strategy,
@@ -170,22 +186,41 @@ def main(grid: Grid, context: Context) -> None:
                 global_adapter,
                 train_config(cfg, server_round),
                 cfg.strategy.round_timeout,
+                evaluate_nodes=due,
             )
-            row.update(evaluation_row(evaluate, global_adapter, prep.data))
+            row["evaluated"] = due
+            if due:
+                slot.start(row, global_adapter)  # after the one that ran while this round trained
+            else:
+                slot.wait()
             row["round_seconds"] = time.perf_counter() - started
             rows.append(row)
-            folder.append_metrics(row)
-            checkpoint = Checkpoint(server_round, global_adapter, strategy.state(), rows, meta)
+            unwritten.append(row)
+            unwritten = write_rows(unwritten, folder, cfg.num_server_rounds, evaluate.figure_name())
+            # A copy of each row: the evaluation thread may be filling the last one.
+            snapshot = [dict(r) for r in rows]
+            checkpoint = Checkpoint(server_round, global_adapter, strategy.state(), snapshot, meta)
             save_checkpoint(folder.path / CHECKPOINT_DIR, checkpoint)
-            log.info(progress_line(row, cfg.num_server_rounds, evaluate.figure_name()))
+        if unwritten:  # the last round's evaluation, which no training overlaps: it counts in its round
+            waited = slot.wait()
+            if rows:
+                rows[-1]["round_seconds"] += waited
+            write_rows(unwritten, folder, cfg.num_server_rounds, evaluate.figure_name())
+            save_checkpoint(
+                folder.path / CHECKPOINT_DIR,
+                Checkpoint(server_round, global_adapter, strategy.state(), rows, meta),
+            )
     except FederationError as exc:
+        slot.close()
         folder.mark("failed", reason=str(exc), server_round=server_round)
         log.error("%s", exc)
         log.error("run stopped; %s is marked failed (status.json)", folder.path)
         raise SystemExit(1) from None
     except BaseException as exc:
+        slot.close()
         folder.mark("failed", reason=f"{type(exc).__name__}: {exc}", server_round=server_round)
         raise
+    slot.close()
 
     load_global(host, global_adapter)
     adapter_dir = folder.save_adapter(
@@ -195,6 +230,23 @@ def main(grid: Grid, context: Context) -> None:
     )
     folder.mark("completed", server_round=cfg.num_server_rounds)
     log.info("final adapter written to %s", adapter_dir)
+
+
+def write_rows(
+    unwritten: list[dict[str, Any]], folder: RunFolder, rounds: int, metric_name: str | None
+) -> list[dict[str, Any]]:
+    """Append (and log) the leading rows whose evaluation is done, in round order; the rest stay.
+
+    A row whose evaluation is still running in the background has no ``eval_seconds`` yet.
+    """
+    while unwritten and not awaiting_evaluation(unwritten[0]):
+        row = unwritten.pop(0)
+        if row["round"] == 0:
+            log.info("round 0 (base + initial adapter): %s", evaluation_text(row, metric_name))
+        else:
+            folder.append_metrics(row)
+            log.info(progress_line(row, rounds, metric_name))
+    return unwritten
 
 
 def evaluation_text(figures: dict[str, Any], metric_name: str | None) -> str:

@@ -65,8 +65,10 @@ def run_round(
     global_adapter: Adapter,
     config: ConfigRecord,
     timeout: float,
+    evaluate_nodes: bool = True,
 ) -> tuple[Adapter, dict[str, Any]]:
-    """One round: train on sampled nodes, aggregate, optionally evaluate on nodes; returns the new global."""
+    """One round: train on sampled nodes, aggregate, and (``evaluate_nodes``, per strategy.fraction-evaluate)
+    evaluate the new global on nodes; returns the new global and the round's metrics row."""
     started = time.perf_counter()
     messages = strategy.train_messages(server_round, global_adapter, config, grid)
     downlink, downlink_fp32 = _bytes(messages), _bytes_fp32(messages)
@@ -98,7 +100,9 @@ def run_round(
         "uplink_bytes_fp32": uplink_fp32,
         "downlink_bytes_fp32": downlink_fp32,
     }
-    eval_messages = strategy.evaluate_messages(server_round, new_adapter, config, grid)
+    eval_messages = (
+        strategy.evaluate_messages(server_round, new_adapter, config, grid) if evaluate_nodes else []
+    )
     if eval_messages:
         row["downlink_bytes"] += _bytes(eval_messages)
         row["downlink_bytes_fp32"] += _bytes_fp32(eval_messages)
@@ -138,8 +142,11 @@ def progress_line(row: dict[str, Any], rounds: int, metric_name: str | None = "e
     metric = f" | {metric_name} {_figure(row.get(metric_name), 3)}" if metric_name else ""
     baseline = row.get("majority_baseline")
     metric += "" if baseline is None else f" (majority {baseline:.3f})"
+    evaluation = f" | eval_loss {_figure(row.get('eval_loss'), 4)}{metric}"
+    if row.get("evaluated") is False:
+        evaluation = " | not evaluated (eval.every)"
     return (
-        f"round {row['round']}/{rounds} | eval_loss {_figure(row.get('eval_loss'), 4)}{metric}"
+        f"round {row['round']}/{rounds}{evaluation}"
         f" | train_loss {_figure(row.get('train_loss'), 4)}"
         f" | lr {'n/a' if lr is None else f'{lr:.2e}'}"
         f" | nodes {row['nodes_accepted']}/{row['nodes_sent']}"

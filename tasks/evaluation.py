@@ -20,11 +20,15 @@ from tasks.prompts import ALPACA, PromptFormat, format_response
 def response_loss(
     model: Any, examples: Sequence[TokenizedExample], pad_id: int, batch_size: int
 ) -> float | None:
-    """Mean cross-entropy over all response tokens (token-weighted, not batch-weighted); None if none."""
+    """Mean cross-entropy over all response tokens (token-weighted, not batch-weighted); None if none.
+
+    Batches hold examples of similar length (sorted), so little of a batch is padding.
+    """
     device = next(model.parameters()).device
+    ordered = sorted(examples, key=lambda e: len(e.input_ids))
     total, count = 0.0, 0
-    for start in range(0, len(examples), batch_size):
-        batch = collate(examples[start : start + batch_size], pad_id)
+    for start in range(0, len(ordered), batch_size):
+        batch = collate(ordered[start : start + batch_size], pad_id)
         summed, tokens = response_cross_entropy(model, {k: v.to(device) for k, v in batch.items()})
         total += float(summed)
         count += tokens
@@ -50,22 +54,30 @@ def generate_answers(
     batch_size: int,
     prompt: PromptFormat = ALPACA,
 ) -> list[str]:
-    """Greedy continuation of each example's (cut) prompt, decoded, up to an end token."""
+    """Greedy continuation of each example's (cut) prompt, decoded, up to an end token; in input order.
+
+    Prompts go in batches of similar length (sorted), so little of a batch is left padding; decoding
+    reuses the KV cache and a batch stops as soon as every row has produced an end token.
+    """
     device = next(model.parameters()).device
     stops = stop_token_ids(tokenizer, prompt)
-    texts: list[str] = []
-    for start in range(0, len(examples), batch_size):
-        enc = collate_prompts(examples[start : start + batch_size], tokenizer.pad_token_id)
+    order = sorted(range(len(examples)), key=lambda i: examples[i].prompt_length)
+    texts = [""] * len(examples)
+    for start in range(0, len(order), batch_size):
+        chosen = order[start : start + batch_size]
+        enc = collate_prompts([examples[i] for i in chosen], tokenizer.pad_token_id)
         enc = {k: v.to(device) for k, v in enc.items()}
         out = model.generate(
             **enc,
             max_new_tokens=max_new_tokens,
             do_sample=False,
+            use_cache=True,
             pad_token_id=tokenizer.pad_token_id,
             eos_token_id=stops or None,
         )
-        generated = out[:, enc["input_ids"].shape[1] :]
-        texts.extend(tokenizer.batch_decode(generated, skip_special_tokens=True))
+        generated = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+        for index, text in zip(chosen, generated, strict=True):
+            texts[index] = text
     return texts
 
 

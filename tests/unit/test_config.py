@@ -47,6 +47,9 @@ def test_pyproject_keys_equal_known_keys(run_config: dict[str, Any]) -> None:
         ("lora.rank", True, "from 1 to 4096"),
         ("train.lr-schedule", "linear", "one of 'constant', 'cosine'"),
         ("train.lr-min", -0.1, "a number from 0 up to"),
+        ("train.micro-batch-size", -1, "0 (the whole batch in one pass) or an integer >= 1"),
+        ("eval.every", 0, "an integer >= 1"),
+        ("eval.background", "yes", "true or false"),
     ],
 )
 def test_bad_value_is_named_with_what_is_accepted(

@@ -174,7 +174,7 @@ def _serve(grid: InProcessGrid, config: dict[str, Any]) -> None:
 def _rows(run_dir: Path) -> list[dict[str, Any]]:
     keys = ("round", "eval_loss", "exact_match", "train_loss", "lr", "uplink_bytes", "downlink_bytes")
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [{k: row[k] for k in keys} for row in rows]
+    return [{k: row.get(k) for k in keys} for row in rows]
 
 
 NODES = {11: {"partition-id": 0, "num-partitions": 2}, 12: {"partition-id": 1, "num-partitions": 2}}
@@ -273,6 +273,7 @@ def test_a_node_sending_huge_updates_is_rejected_every_round_and_the_run_finishe
     config = {
         **_small(run_config, tmp_path),
         "num-server-rounds": 2,
+        "eval.every": 1,  # each round's global adapter is scored: finite after every rejection
         "strategy.name": strategy,
         "strategy.rank-plan": "" if strategy == "fedavg" else "4,8",
         "output.run-name": f"hostile-{strategy}",
@@ -295,3 +296,35 @@ def test_a_node_sending_huge_updates_is_rejected_every_round_and_the_run_finishe
     final = load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
     assert all(bool(torch.isfinite(t).all()) for t in final.values())
     assert json.loads((run_dir / "status.json").read_text())["status"] == "completed"
+
+
+def test_evaluation_every_second_round_in_the_background_writes_every_round_in_order(
+    run_config: dict[str, Any], tmp_path: Path
+) -> None:
+    """eval.every=2 over 5 rounds: rounds 2, 4 and 5 (the last) are evaluated, centrally and on the nodes;
+    every round has its row, in order; evaluating in a thread finds the same figures as in line."""
+    rows = {}
+    for background in (True, False):
+        name = f"bg-{background}".lower()
+        config = {
+            **_small(run_config, tmp_path),
+            "num-server-rounds": 5,
+            "strategy.fraction-evaluate": 1.0,
+            "eval.every": 2,
+            "eval.background": background,
+            "output.run-name": name,
+        }
+        grid = InProcessGrid(config, NODES)
+        _serve(grid, config)
+        assert grid.sent.count("evaluate") == 3 * len(NODES)  # rounds 2, 4, 5 only
+        lines = (tmp_path / "out" / name / "metrics.jsonl").read_text().splitlines()
+        rows[background] = [json.loads(line) for line in lines]
+    for row in rows[True]:
+        assert row["evaluated"] == (row["round"] in (2, 4, 5))
+        assert ("eval_loss" in row) == row["evaluated"] == ("federated_eval_loss" in row)
+        assert ("eval_seconds" in row) == row["evaluated"]
+    assert [r["round"] for r in rows[True]] == [1, 2, 3, 4, 5]
+    figures = ("round", "evaluated", "eval_loss", "exact_match", "federated_eval_loss", "train_loss")
+    assert [{k: r.get(k) for k in figures} for r in rows[True]] == [
+        {k: r.get(k) for k in figures} for r in rows[False]
+    ]

@@ -84,3 +84,72 @@ def test_exact_match_counts_only_identical_answers(host_and_tokenizer: tuple[Lor
     assert score is not None and 0.0 <= score <= 1.0
     impossible = Dataset.from_list([{**EXAMPLE, "output": "\x7f" * 30}])
     assert exact_match(host.model, tokenizer, impossible, max_new_tokens=2, batch_size=1) == 0.0
+
+
+def test_micro_batches_give_the_whole_batch_step(host_and_tokenizer: tuple[LoraHost, object]) -> None:
+    """Summed micro-batch gradients (8 rows as 3 + 3 + 2, uneven responses) take the same AdamW step as
+    the batch in one pass, and report the same loss."""
+    host, tokenizer = host_and_tokenizer
+    rows = [{**EXAMPLE, "input": "abcdefgh"[: n + 1], "output": "hgfedcba"[: 8 - n]} for n in range(8)]
+    examples = tokenize_all(tokenizer, rows, 256)
+    batch = collate(examples, tokenizer.pad_token_id)  # type: ignore[attr-defined]
+    start = host.read()
+    before = {m: (f.a.clone(), f.b.clone()) for m, f in start.items()}
+    results = {}
+    for size in (0, 3):
+        host.write(start)
+        result = train_steps(
+            host.model, host.trainable_parameters(), iter([batch]), 1, 0.01, torch.device("cpu"), size
+        )
+        results[size] = (result.mean_loss, {m: (f.a.clone(), f.b.clone()) for m, f in host.read().items()})
+    (whole_loss, whole), (micro_loss, micro) = results[0], results[3]
+    assert micro_loss == pytest.approx(whole_loss, rel=1e-5)
+    moved = max(float((whole[m][0] - before[m][0]).abs().max()) for m in whole)
+    assert moved > 1e-4  # the step did move the factors, so equal factors below are not trivial
+    for module in whole:
+        assert torch.allclose(whole[module][0], micro[module][0], atol=1e-6)
+        assert torch.allclose(whole[module][1], micro[module][1], atol=1e-6)
+
+
+def test_micro_batches_cut_rows_and_keep_every_key() -> None:
+    from pollen.training import micro_batches
+
+    batch = {"input_ids": torch.arange(10).reshape(5, 2), "labels": torch.zeros(5, 2)}
+    parts = micro_batches(batch, 2)
+    assert [p["input_ids"].shape[0] for p in parts] == [2, 2, 1]
+    assert torch.equal(torch.cat([p["input_ids"] for p in parts]), batch["input_ids"])
+    assert micro_batches(batch, 0) == [batch] and micro_batches(batch, 5) == [batch]
+
+
+def test_generation_sorted_by_prompt_length_answers_each_prompt_in_input_order(
+    host_and_tokenizer: tuple[LoraHost, object],
+) -> None:
+    """Batches of similar prompt length give each prompt the answer it gets alone, returned in input order."""
+    from tasks.evaluation import generate_answers
+
+    host, tokenizer = host_and_tokenizer
+    rows = [{**EXAMPLE, "input": "abcdefghijklmnop"[:n]} for n in (9, 1, 14, 4, 11, 2, 7)]
+    examples = tokenize_all(tokenizer, rows, 256)
+    lengths = [e.prompt_length for e in examples]
+    assert lengths != sorted(lengths)  # the input order is not the batching order
+    batched = generate_answers(host.model, tokenizer, examples, 6, batch_size=3)
+    alone = [generate_answers(host.model, tokenizer, [e], 6, batch_size=1)[0] for e in examples]
+    assert batched == alone
+
+
+def test_a_new_adapter_leaves_the_model_scoring_without_dropout(
+    host_and_tokenizer: tuple[LoraHost, object],
+) -> None:
+    """PEFT creates a new adapter's layers in training mode; scoring with its dropout on would draw from
+    the global generator and give the same adapter different figures each time."""
+    host, tokenizer = host_and_tokenizer
+    host.activate(2)
+    try:
+        assert not any(module.training for module in host.model.modules())
+        examples = tokenize_all(tokenizer, [EXAMPLE] * 4, 256)
+        state = torch.get_rng_state()
+        first = response_loss(host.model, examples, tokenizer.pad_token_id, batch_size=2)  # type: ignore[attr-defined]
+        assert torch.equal(state, torch.get_rng_state())
+        assert response_loss(host.model, examples, tokenizer.pad_token_id, batch_size=2) == first  # type: ignore[attr-defined]
+    finally:
+        host.activate(4)
