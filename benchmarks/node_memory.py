@@ -10,8 +10,10 @@ runs in a fresh subprocess, so each peak is that setting's own:
   the old load (the checkpoint file stays mapped);
 - response-only logits: ``pollen.training.train_steps`` (logits only where a response token is
   predicted), old load; then the same with gradient checkpointing on the 4-bit base;
-- the same two with the checkpoint file released after loading (``release_checkpoint_file``), and
-  again with glibc's mmap threshold fixed as well (``return_large_blocks_to_os``): the load as shipped.
+- the same two with the checkpoint file released after loading (``release_checkpoint_file``); again
+  with glibc's mmap threshold fixed at 64 KiB for good (``compact_heap``: the load as shipped with
+  gradient checkpointing); and with the threshold fixed during the load only (``reuse_heap_after_load``:
+  the load as shipped without it); then that with micro-batches of 2 rows (train.micro-batch-size).
 One more subprocess measures evaluation alone, and one loads the base unquantized (float32
 footprint). Peaks are the kernel's high-water mark of resident memory (VmHWM), reset with
 /proc/self/clear_refs before each phase.
@@ -50,7 +52,9 @@ class Setting:
     name: str
     full_logits: bool  # True: the old loss, model(**batch).loss (logits at every position)
     checkpointing: bool  # gradient checkpointing on the 4-bit base (train.gradient-checkpointing)
-    load: str  # "old": file kept mapped, glibc heap as is; "released": file released only; "shipped"
+    load: str  # "old": file kept mapped, glibc heap as is; "released": file released only; "fixed": and
+    # the 64 KiB mmap threshold kept after the load; "reused": that threshold during the load only
+    micro_batch: int = 0  # train.micro-batch-size (0 = the whole batch in one pass)
 
 
 SETTINGS = (
@@ -59,10 +63,13 @@ SETTINGS = (
     Setting("response-only + checkpointing", False, True, "old"),
     Setting("response-only, file released", False, False, "released"),
     Setting("response-only + checkpointing, file released", False, True, "released"),
-    Setting("response-only, shipped load", False, False, "shipped"),
-    Setting("response-only + checkpointing, shipped load", False, True, "shipped"),
+    Setting("response-only, 64 KiB threshold kept", False, False, "fixed"),
+    Setting("response-only + checkpointing, 64 KiB threshold kept (shipped)", False, True, "fixed"),
+    Setting("response-only, heap reused after the load (shipped)", False, False, "reused"),
+    Setting("response-only + checkpointing, heap reused after the load", False, True, "reused"),
+    Setting("response-only, heap reused, micro-batches of 2", False, False, "reused", micro_batch=2),
 )
-SHIPPED = SETTINGS[5].name  # pollen as shipped with train.gradient-checkpointing=false
+SHIPPED = SETTINGS[7].name  # pollen as shipped with train.gradient-checkpointing=false
 EVAL = "evaluation only"
 MIB = 1024 * 1024
 
@@ -229,7 +236,8 @@ def measure(setting: Setting, steps: int, batch_size: int, seq_len: int, seed: i
     if setting.load == "old":
         base = _load_as_before(path)
     else:
-        base = load_base_model(path, ModelConfig(path, "4bit", "cpu", "auto"))
+        compact = setting.load == "fixed"  # the 64 KiB threshold kept after the load
+        base = load_base_model(path, ModelConfig(path, "4bit", "cpu", "auto"), compact_heap=compact)
     figures["load_peak"], figures["rss_loaded"] = peak_mib(), rss_mib()
     figures["footprint_nf4"] = base.get_memory_footprint() / MIB
     host = LoraHost(
@@ -247,7 +255,15 @@ def measure(setting: Setting, steps: int, batch_size: int, seq_len: int, seed: i
     if setting.full_logits:
         losses = _train_full_logits(host.model, parameters, _timed(batches, stamps), steps)
     else:
-        result = train_steps(host.model, parameters, _timed(batches, stamps), steps, LR, torch.device("cpu"))
+        result = train_steps(
+            host.model,
+            parameters,
+            _timed(batches, stamps),
+            steps,
+            LR,
+            torch.device("cpu"),
+            setting.micro_batch,
+        )
         losses = [result.mean_loss]  # train_steps reports the mean only
     stamps.append(time.perf_counter())
     figures["train_peak"], figures["rss_after_train"] = peak_mib(), rss_mib()
@@ -343,10 +359,15 @@ def render(
         "memory with the model loaded and the adapter made; "
         "*training above loaded* is the resident high-water mark during the steps minus *loaded*. "
         "*Old load* is `pollen.model.load_base_model` as it was (the checkpoint file stays mapped, glibc's "
-        "heap as it comes); *file released* adds `release_checkpoint_file`; *shipped load* also fixes "
-        "glibc's "
-        "mmap threshold (`return_large_blocks_to_os`), as `load_base_model` does now on the CPU. The step "
-        "time is the median over the steps; the loss is the same in every row (same batches, same seeds).",
+        "heap as it comes); *file released* adds `release_checkpoint_file`; *64 KiB threshold kept* also "
+        "fixes glibc's mmap threshold at 64 KiB for good (`load_base_model(compact_heap=True)`, as a node "
+        "with train.gradient-checkpointing loads); *heap reused* fixes it during the load only and lets the "
+        "steps reuse heap blocks up to 32 MiB (`reuse_heap_after_load`), as a node without checkpointing "
+        "loads. Rows marked *(shipped)* are what a node does with and without checkpointing. "
+        "*Micro-batches of 2* runs "
+        "each step's 8 rows 2 at a time (train.micro-batch-size=2). The step time is the median over the "
+        "steps; the loss is the same in every row (same batches, same seeds) but the micro-batched one, "
+        "whose LoRA dropout masks are drawn per micro-batch.",
         "",
         "| setting | process peak MiB | loaded MiB | training above loaded MiB | s per step "
         "| mean training loss |",
@@ -360,7 +381,8 @@ def render(
             f"| {statistics.median(r['step_seconds']):.2f} | {r['mean_loss']:.4f} |"
         )
     old, released, shipped = rows[SETTINGS[1].name], rows[SETTINGS[3].name], rows[SHIPPED]
-    old_ckpt, released_ckpt, shipped_ckpt = (rows[SETTINGS[i].name] for i in (2, 4, 6))
+    old_ckpt, released_ckpt, reused_ckpt = (rows[SETTINGS[i].name] for i in (2, 4, 8))
+    fixed, fixed_ckpt, micro = (rows[SETTINGS[i].name] for i in (5, 6, 9))
 
     def loaded(r: dict[str, Any]) -> str:
         return f"{r['rss_loaded'] - r['rss_imports']:.0f}"
@@ -374,7 +396,7 @@ def render(
         f"| interpreter, torch, transformers, tokenizer, batches | {shipped['rss_imports']:.0f} |",
         f"| base footprint, 4-bit NF4 (`get_memory_footprint()`) | {shipped['footprint_nf4']:.0f} |",
         f"| base footprint, float32 (`get_memory_footprint()`) | {fp32['footprint_fp32']:.0f} |",
-        f"| 4-bit base resident after loading: old load / file released / shipped load "
+        f"| 4-bit base resident after loading: old load / file released / as shipped "
         f"| {loaded(old)} / {loaded(released)} / {loaded(shipped)} |",
         "| peak while loading, above the imports: old / shipped "
         f"| {old['load_peak'] - old['rss_imports']:.0f} "
@@ -384,12 +406,17 @@ def render(
         f"{fp32['vocab']} (computed) | {logits_mib:.0f} |",
         "| training: full logits minus response-only logits, old load (measured) "
         f"| {_above(first) - _above(old):.0f} |",
-        "| training: what checkpointing saves, old / shipped load (measured) "
-        f"| {_above(old) - _above(old_ckpt):.0f} / {_above(shipped) - _above(shipped_ckpt):.0f} |",
-        "| training: glibc heap growth the fixed mmap threshold removes, without / with checkpointing "
-        f"| {_above(released) - _above(shipped):.0f} / {_above(released_ckpt) - _above(shipped_ckpt):.0f} |",
+        "| training: what checkpointing saves, old load / as shipped (measured) "
+        f"| {_above(old) - _above(old_ckpt):.0f} / {_above(shipped) - _above(fixed_ckpt):.0f} |",
+        "| training: glibc heap growth a 64 KiB threshold kept after the load removes, without / with "
+        f"checkpointing | {_above(released) - _above(fixed):.0f} "
+        f"/ {_above(released_ckpt) - _above(fixed_ckpt):.0f} |",
+        "| training: what reusing the heap after the load costs against the 64 KiB threshold kept, without "
+        f"/ with checkpointing | {_above(shipped) - _above(fixed):.0f} "
+        f"/ {_above(reused_ckpt) - _above(fixed_ckpt):.0f} |",
+        f"| training: what micro-batches of 2 save, heap reused | {_above(shipped) - _above(micro):.0f} |",
         f"| evaluation, response loss of {EVAL_BATCH_SIZE} examples in one batch "
-        "(the server's `EVAL_BATCH_SIZE`), shipped load, above loaded "
+        "(the server's `EVAL_BATCH_SIZE`), heap reused, above loaded "
         f"| {evaluation['loss_peak'] - evaluation['rss_loaded']:.0f} |",
         f"| evaluation, greedy answers (12 new tokens) for {EVAL_BATCH_SIZE} prompts in one batch, "
         f"above loaded | {evaluation['generate_peak'] - evaluation['rss_loaded']:.0f} |",

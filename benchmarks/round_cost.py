@@ -45,11 +45,23 @@ SHAPE = {
     "strategy.fraction-train": 0.2,
     "strategy.min-nodes": 2,
 }
-# name -> what changes from the shipped configuration besides the shape
-SETTINGS = {
-    "shipped": {},
+# name -> what changes from the shipped configuration (eval.every=2, eval.background=true) besides the shape
+SETTINGS: dict[str, dict[str, Any]] = {
+    "shipped: every 2nd round, background": {},
+    "every 2nd round, in line": {"eval.background": False},
     "every round, in line": {"eval.every": 1, "eval.background": False},
+    "shipped + train.micro-batch-size=4": {"train.micro-batch-size": 4},
 }
+
+
+IMPORTS = "torch, transformers, peft, bitsandbytes, datasets, flwr_datasets, flwr, ray"
+
+
+def import_footprint() -> float:
+    """Resident MiB of a fresh interpreter that has imported what each Pollen process imports."""
+    code = f"import {IMPORTS}\nprint(open('/proc/self/status').read().split('VmRSS:')[1].split()[0])"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    return int(done.stdout.strip().splitlines()[-1]) / 1024
 
 
 def run_plain(model: Path, data: Path) -> dict[str, float]:
@@ -70,7 +82,7 @@ def run_pollen(name: str, overrides: dict[str, Any], rounds: int, scratch: Path)
     """`flwr run .` with ``overrides``, its process tree sampled: metrics rows, wall seconds, memory."""
     from scripts.flower_run import flwr_run, read_metrics
 
-    run_name = name.replace(" ", "-").replace(",", "")
+    run_name = "".join(c if c.isalnum() else "-" for c in name).strip("-")
     home = scratch / f"home-{run_name}"
     config = {**overrides, "num-server-rounds": rounds, "output.dir": str(scratch)}
     config["output.run-name"] = run_name
@@ -106,6 +118,7 @@ def render(
     parameters: int,
     plain: dict[str, float],
     runs: dict[str, dict[str, Any]],
+    imports: float,
 ) -> str:
     """The docs section: round, fit and evaluation against the plain loop, memory per process."""
     base = plain["seconds"]
@@ -135,8 +148,14 @@ def render(
             f"| {name} | {whole:.1f} s | {whole / base:.2f}x | {fit:.1f} s | {fit / base:.2f}x "
             f"| {evaluation:.1f} s | {run['wall']:.0f} s | {run['peak_total'] / MIB / 1024:.2f} GiB |"
         )
-    lines += ["", "Peak RSS of each process of the run (MiB; the largest process of each role):", ""]
-    roles = sorted({role for run in runs.values() for role in run["peaks"]})
+    lines += [
+        "",
+        "Peak RSS of each process of the run, in MiB, for the largest process of each role (how many "
+        f"there were; processes under 10 MiB left out). A fresh interpreter that imports {IMPORTS}, as "
+        f"the ServerApp and the node actor each do, holds {imports:.0f} MiB before it loads anything.",
+        "",
+    ]
+    roles = sorted({role for run in runs.values() for role, rss in run["peaks"].items() if rss >= 10 * MIB})
     lines.append("| process | " + " | ".join(runs) + " |")
     lines.append("|---|" + "---:|" * len(runs))
     for role in roles:
@@ -175,7 +194,7 @@ def main() -> int:
     args = parser.parse_args()
     if args.rounds < 3:
         parser.error(f"--rounds={args.rounds}: at least 3 rounds are needed for a steady round")
-    extra = {}
+    extra: dict[str, Any] = {}
     for item in args.set:
         key, sep, value = item.partition("=")
         if not sep:
@@ -203,7 +222,7 @@ def main() -> int:
     command = "python benchmarks/round_cost.py" + ("" if args.rounds == 5 else f" --rounds {args.rounds}")
     command += "".join(f" --set {item}" for item in args.set)
     command += f" --only {args.only!r}" if args.only else ""
-    section = render(command, load, parameters, plain, runs)
+    section = render(command, load, parameters, plain, runs, import_footprint())
     print(section)
     if not args.no_write:
         write_section("round-cost", section)

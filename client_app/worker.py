@@ -64,7 +64,9 @@ def worker_key(run: RunConfig, device_override: str = "") -> tuple[Any, ...]:
 def load_worker(run: RunConfig, device_override: str = "") -> Worker:
     """Load (and quantize) the run's base model, on the node's device when it names one."""
     path = resolve_model_name(run.model.name)
-    return worker_on(load_base_model(path, run.model, device_override=device_override), run, device_override)
+    compact = run.train.gradient_checkpointing  # memory over time: keep the heap compact as well
+    base = load_base_model(path, run.model, device_override=device_override, compact_heap=compact)
+    return worker_on(base, run, device_override)
 
 
 def worker_on(base: torch.nn.Module, run: RunConfig, device_override: str = "") -> Worker:

@@ -183,8 +183,15 @@ def load_tokenizer(name_or_path: str) -> Any:
     return tokenizer
 
 
-def load_base_model(name_or_path: str, config: ModelConfig, device_override: str = "") -> torch.nn.Module:
-    """The frozen base causal LM, quantized per ``config.quantization``, on the configured device."""
+def load_base_model(
+    name_or_path: str, config: ModelConfig, device_override: str = "", compact_heap: bool = False
+) -> torch.nn.Module:
+    """The frozen base causal LM, quantized per ``config.quantization``, on the configured device.
+
+    On the CPU, ``compact_heap`` keeps every block of 64 KiB or more mapped on its own after the load
+    too: less memory, slower steps; a node with train.gradient-checkpointing, which already trades time
+    for memory, asks for it (docs/BENCHMARKS.md, node memory).
+    """
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
@@ -207,7 +214,7 @@ def load_base_model(name_or_path: str, config: ModelConfig, device_override: str
             release_checkpoint_file(model)
     model.requires_grad_(False)
     model.eval()
-    if device.type == "cpu":
+    if device.type == "cpu" and not compact_heap:
         reuse_heap_after_load()
     return model
 

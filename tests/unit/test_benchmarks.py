@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -201,3 +202,32 @@ def test_quick_aggregation_matches_dense_route(capsys: pytest.CaptureFixture[str
     assert aggregation.main(["--quick"]) == 0
     out = capsys.readouterr().out
     assert "FlexLoRA, low-rank route, total" in out and "not checked in this smoke run" in out
+
+
+def test_round_cost_section_reads_rounds_without_evaluation_and_every_process() -> None:
+    from benchmarks import round_cost
+
+    def row(n: int, evaluated: bool) -> dict[str, Any]:
+        figures = {"eval_loss": 4.0 - n / 10, "eval_seconds": 8.0} if evaluated else {}
+        return {
+            "round": n,
+            "evaluated": evaluated,
+            "train_loss": 5.0,
+            "round_seconds": 20.0 + n,
+            "fit_seconds": 16.0 + n,
+            **figures,
+        }
+
+    runs = {
+        "a": {
+            "rows": [row(n, n % 2 == 0 or n == 3) for n in (1, 2, 3)],
+            "wall": 90.0,
+            "peak_total": 2 * 1024**3,
+            "peaks": {"node actor": 900 * 1024**2, "sh": 4 * 1024**2},
+            "counts": {"node actor": 1, "sh": 1},
+        },
+    }
+    text = round_cost.render("cmd", None, 3_670_000, {"seconds": 16.0, "peak_rss_mb": 1300.0}, runs, 571.0)
+    assert "| a | 22.5 s | 1.41x | 18.5 s | 1.16x | 8.0 s | 90 s | 2.00 GiB |" in text
+    assert "| node actor | 900 (1) |" in text and "| sh |" not in text
+    assert "| 1 | – / 5.0000 / 21.0 / 17.0 |" in text and "holds 571 MiB" in text
