@@ -30,6 +30,7 @@ SMALL: dict[str, Any] = {
 def test_three_nodes_two_rounds_end_to_end(tmp_path: Path) -> None:
     schedule = {"train.lr": 0.003, "train.lr-schedule": "cosine", "train.lr-min": 0.0006}
     overrides = {**SMALL, **schedule, "output.dir": str(tmp_path / "out"), "output.run-name": "it"}
+    overrides["eval.every"] = 1  # both rounds carry every figure
     result = flwr_run(tmp_path / "flwr-home", overrides, num_supernodes=3)
     run_dir = tmp_path / "out" / "it"
     assert (run_dir / "metrics.jsonl").is_file(), result.output[-4000:]
@@ -135,6 +136,7 @@ def test_own_label_file_with_long_prompts_trains_and_reports_label_accuracy(tmp_
         "task.partitioner": "iid",
         "task.num-eval": 40,
         "strategy.fraction-evaluate": 0.0,
+        "eval.every": 1,  # both rounds are scored, so the loss can be compared
         "output.dir": str(tmp_path / "out"),
         "output.run-name": "labels",
     }
