@@ -114,7 +114,7 @@ class OutputConfig:
 
 @dataclass(frozen=True)
 class EvalConfig:
-    """When the server evaluates the global adapter (server_app/schedule.py)."""
+    """When the server evaluates the global adapter (server_app/evaluation.py)."""
 
     every: int = 1  # evaluate after every this many rounds, and always after round 0 and the last round
     background: bool = True  # evaluate round r's adapter in a thread while round r+1 trains

@@ -64,8 +64,8 @@ def reuse_heap_after_load() -> None:
     """After a load: serve blocks up to 32 MiB from the heap again, and return what the load freed.
 
     With every block of 64 KiB or more mapped on its own, each training step pays a page fault per page
-    of its activations: the round-cost benchmark's 3.7M Llama trained 10 steps in 14.2-18.7 s instead of
-    8.5 s (docs/BENCHMARKS.md, round cost). The heap a round leaves behind is handed back after it
+    of its activations: SmolLM2-135M took 13.5 s per step instead of 6.7 s, for 1.4 GiB less at its peak
+    (docs/BENCHMARKS.md, node memory). The heap a round leaves behind is handed back after it
     (:func:`return_freed_heap`).
     """
     mallopt = getattr(_libc(), "mallopt", None)

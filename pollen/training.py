@@ -70,16 +70,18 @@ def train_steps(
     model.train()
     losses: list[float] = []
     start = time.perf_counter()
-    for step in range(steps):
-        batch = {k: v.to(device) for k, v in next(batches).items()}
-        loss = _accumulate_gradients(model, batch, micro_batch_size)
-        if not math.isfinite(loss):
-            raise FloatingPointError(f"training loss became {loss} at step {step + 1}; lower train.lr")
-        torch.nn.utils.clip_grad_norm_(parameters, max_norm=1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(loss)
-    model.eval()
+    try:
+        for step in range(steps):
+            batch = {k: v.to(device) for k, v in next(batches).items()}
+            loss = _accumulate_gradients(model, batch, micro_batch_size)
+            if not math.isfinite(loss):
+                raise FloatingPointError(f"training loss became {loss} at step {step + 1}; lower train.lr")
+            torch.nn.utils.clip_grad_norm_(parameters, max_norm=1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(loss)
+    finally:
+        model.eval()  # also after a failed step: scoring never runs with dropout on
     return TrainResult(mean_loss=sum(losses) / len(losses), steps=steps, seconds=time.perf_counter() - start)
 
 

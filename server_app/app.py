@@ -202,9 +202,7 @@ def main(grid: Grid, context: Context) -> None:
             checkpoint = Checkpoint(server_round, global_adapter, strategy.state(), snapshot, meta)
             save_checkpoint(folder.path / CHECKPOINT_DIR, checkpoint)
         if unwritten:  # the last round's evaluation, which no training overlaps: it counts in its round
-            waited = slot.wait()
-            if rows:
-                rows[-1]["round_seconds"] += waited
+            rows[-1]["round_seconds"] += slot.wait()  # unwritten rows are rows' tail: rows is not empty
             write_rows(unwritten, folder, cfg.num_server_rounds, evaluate.figure_name())
             save_checkpoint(
                 folder.path / CHECKPOINT_DIR,

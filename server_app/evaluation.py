@@ -16,8 +16,8 @@ from tasks.evaluation import generate_answers, generation_score, response_loss
 from tasks.metrics import FIGURE_NAMES
 from tasks.prompts import ALPACA, PromptFormat
 
-# Held-out examples per forward pass. On the CPU, 16 rows of 256 tokens scored 200 examples in 4.0 s
-# against 5.3 s at 32 (docs/BENCHMARKS.md, round cost), and a smaller batch holds fewer activations.
+# Held-out examples per forward pass: a smaller batch holds fewer activations beside the training that
+# runs while the server evaluates (eval.background); on the CPU 16 was also faster than 32 in a hand timing.
 EVAL_BATCH_SIZE = 16
 
 
@@ -52,7 +52,6 @@ class Evaluator:
         """``eval_loss`` and the metric's figure of the global adapter; None where there are no examples."""
         load_global(self.host, global_adapter)
         model = self.host.model
-        model.eval()  # no dropout: the same adapter always gets the same figures
         result: dict[str, float | None] = {
             "eval_loss": response_loss(model, self.examples, self.tokenizer.pad_token_id, EVAL_BATCH_SIZE)
         }
